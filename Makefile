@@ -1,0 +1,30 @@
+# The two commands: `make serve` and `make test`. Everything else is a step they run.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: setup serve test lint tiny clean
+
+$(STAMP): pyproject.toml tools/setup_cpu.sh tools/torchvision_cpu_fix.py
+	PYTHON=$(PYTHON) VENV=$(VENV) tools/setup_cpu.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+tiny: setup  ## a tiny random PaliGemma in artifacts/tiny
+	$(PY) -m finetune tiny --out artifacts/tiny
+
+serve: setup
+	@echo "Setup done. The HTTP service is not built yet: see the open service issue."
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check paligemma service finetune tests
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) artifacts .pytest_cache .hypothesis

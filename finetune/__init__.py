@@ -1,0 +1,1 @@
+"""Finetuning PaliGemma: datasets, LoRA/QLoRA/full training, merging and evaluation."""

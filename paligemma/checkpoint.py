@@ -1,0 +1,202 @@
+"""Build and save PaliGemma checkpoints that both transformers and vLLM load.
+
+Two facts drive this module (see ``shared/notes/style.md``):
+
+- vLLM only accepts the hub key layout (``vision_tower.vision_model.*``, ``language_model.model.*``,
+  ``multi_modal_projector.*``), but transformers 5 ``save_pretrained`` of a freshly built model, and of a
+  peft-merged one, writes ``vision_tower.embeddings.*``. :func:`save_checkpoint` always writes the hub
+  layout itself.
+- Tests and CI cannot download Google's weights, so :func:`build_tiny_checkpoint` makes a small, randomly
+  initialised PaliGemma with a real tokenizer (Gemma-style BPE with byte fallback, ``<image>``, 1024 loc
+  and 128 seg tokens, ``"\\n"``) whose shapes vLLM's CPU backend can run (text ``head_dim`` 64).
+
+transformers and torch are imported inside the functions so importing ``paligemma`` stays light.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from paligemma.tokens import IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import GemmaTokenizer, PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+# Words the tiny tokenizer learns whole: task prefixes, languages, the synthetic shapes data and common
+# question words. Anything else still tokenizes, through byte fallback.
+_CORPUS_WORDS = """
+caption cap describe ocr answer question detect segment en es fr de it pt ja zh ko ru a an the of in
+on at to and or is are was were be there here this that what which where who how many much color
+colour shape size left right top bottom middle center centre upper lower above below next one two
+three four five six seven eight nine ten zero no yes none circle square triangle rectangle star
+ellipse hexagon diamond cross ring red green blue yellow orange purple pink white black gray grey
+brown cyan magenta small large big tiny medium background image picture photo object objects shapes
+shape cat dog person car bird horse sheep cow bicycle bus truck boat chair table bottle cup tree
+house
+""".split()  # noqa: SIM905 - a word list reads better as text
+
+
+@dataclass(frozen=True)
+class TinyConfig:
+    """Shapes of the tiny model; the defaults are the ones vLLM 0.32's CPU backend ran."""
+
+    image_size: int = 112
+    patch_size: int = 14
+    vision_hidden: int = 128
+    vision_layers: int = 2
+    vision_heads: int = 2
+    text_hidden: int = 128
+    text_layers: int = 2
+    text_heads: int = 2
+    text_kv_heads: int = 1
+    head_dim: int = 64
+    intermediate: int = 256
+    init_std: float | None = None
+    """Std of the random weight matrices; None keeps transformers' 0.02. Around 0.3 makes greedy output
+    vary from token to token (at 0.02 a random model repeats ``"\n"``), which parity tests need."""
+
+    @property
+    def image_seq_length(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_tokenizer() -> GemmaTokenizer:
+    """Gemma-style BPE (``▁`` for spaces, byte fallback) trained on a fixed word list: deterministic."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
+    from transformers import AddedToken, GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    byte_tokens = [f"<0x{i:02X}>" for i in range(256)]
+    bpe = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True))
+    bpe.normalizer = normalizers.Replace(" ", "▁")
+    bpe.pre_tokenizer = pre_tokenizers.Split("▁", behavior="merged_with_next")
+    trainer = trainers.BpeTrainer(
+        vocab_size=1200,
+        special_tokens=specials + byte_tokens,
+        initial_alphabet=list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:?!'\"-_()/\n▁"),
+        show_progress=False,
+    )
+    sentences = [" " + " ".join(_CORPUS_WORDS[i : i + 8]) for i in range(0, len(_CORPUS_WORDS), 8)]
+    words = [" " + w for w in _CORPUS_WORDS] + _CORPUS_WORDS  # with and without a leading space
+    bpe.train_from_iterator((sentences + words) * 4, trainer=trainer)
+    model = json.loads(bpe.to_str())["model"]
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=merges)  # type: ignore[arg-type]
+    # Same order as the real vocabulary: loc, then seg, then the special <image>.
+    tokenizer.add_tokens([AddedToken(t, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
+    tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(IMAGE_TOKEN, normalized=False)]})
+    return tokenizer
+
+
+def build_processor(tokenizer: Any, image_size: int, image_seq_length: int) -> PaliGemmaProcessor:
+    """SigLIP preprocessing as in the released checkpoints: bicubic square resize, scale to [-1, 1]."""
+    from transformers import PaliGemmaProcessor, SiglipImageProcessor
+
+    image_processor = SiglipImageProcessor(
+        size={"height": image_size, "width": image_size},
+        resample=3,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+    )
+    image_processor.image_seq_length = image_seq_length  # type: ignore[attr-defined]
+    return PaliGemmaProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+def build_tiny_model(tokenizer: Any, cfg: TinyConfig, seed: int) -> PaliGemmaForConditionalGeneration:
+    """Randomly initialised PaliGemma with the tokenizer's vocabulary (padded to a multiple of 64)."""
+    import torch
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+
+    vocab_size = -(-len(tokenizer) // 64) * 64
+    config = PaliGemmaConfig(  # type: ignore[call-arg]
+        text_config={
+            "model_type": "gemma",
+            "vocab_size": vocab_size,
+            "hidden_size": cfg.text_hidden,
+            "num_hidden_layers": cfg.text_layers,
+            "num_attention_heads": cfg.text_heads,
+            "num_key_value_heads": cfg.text_kv_heads,
+            "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate,
+            "max_position_embeddings": 1024,
+        },
+        vision_config={
+            "hidden_size": cfg.vision_hidden,
+            "num_hidden_layers": cfg.vision_layers,
+            "num_attention_heads": cfg.vision_heads,
+            "intermediate_size": cfg.intermediate,
+            "image_size": cfg.image_size,
+            "patch_size": cfg.patch_size,
+            "vision_use_head": False,
+        },
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        projection_dim=cfg.text_hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    model = PaliGemmaForConditionalGeneration(config)
+    if cfg.init_std is not None:
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.dim() >= 2:
+                    param.normal_(0.0, cfg.init_std)
+    return model.eval()
+
+
+def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's weights under the hub key names vLLM expects (tied ``lm_head`` left out)."""
+    renames = (
+        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+        ("model.vision_tower.", "vision_tower.vision_model."),
+        ("model.multi_modal_projector.", "multi_modal_projector."),
+        ("model.language_model.", "language_model.model."),
+        ("lm_head.", "language_model.lm_head."),
+    )
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if tied and key.startswith("lm_head."):
+            continue
+        new_key = next((new + key[len(old) :] for old, new in renames if key.startswith(old)), key)
+        out[new_key] = tensor.detach().contiguous().clone()
+    return out
+
+
+def save_checkpoint(
+    model: PaliGemmaForConditionalGeneration,
+    processor: Any,
+    out_dir: str | Path,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write config, hub-layout safetensors, tokenizer and processor to ``out_dir``."""
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = hub_state_dict(model)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        model.config.dtype = dtype
+    model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    processor.save_pretrained(out)
+    return out
+
+
+def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cfg: TinyConfig | None = None) -> Path:
+    """Write a tiny random PaliGemma that transformers and vLLM (CPU) both load."""
+    cfg = cfg or TinyConfig()
+    tokenizer = build_tokenizer()
+    processor = build_processor(tokenizer, cfg.image_size, cfg.image_seq_length)
+    model = build_tiny_model(processor.tokenizer, cfg, seed)
+    out = save_checkpoint(model, processor, out_dir)
+    (out / "tiny_config.json").write_text(json.dumps({**asdict(cfg), "seed": seed}, indent=2) + "\n")
+    return out

@@ -1,0 +1,1 @@
+"""HTTP service for PaliGemma over one small Engine protocol (vLLM or transformers)."""
