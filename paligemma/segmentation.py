@@ -233,6 +233,8 @@ def paste_mask(mask64: np.ndarray, box: Box, width: int, height: int) -> np.ndar
     if x2 <= x1 or y2 <= y1:
         return None
     logits = Image.fromarray(np.asarray(mask64, dtype=np.float32))  # mode "F"
+    # Pillow's bilinear uses half-pixel centres and widens its kernel when shrinking, like big_vision's
+    # jax.image.resize(..., "bilinear") with its default antialiasing.
     resized = np.asarray(logits.resize((x2 - x1, y2 - y1), Image.Resampling.BILINEAR))
     full = np.zeros((height, width), dtype=bool)
     full[y1:y2, x1:x2] = resized > 0.0
