@@ -51,6 +51,7 @@ def test_form_elements_exist(browser: WebDriver, static_page_url: str) -> None:
         "objects",
         "question",
         "lang",
+        "detail",
         "api-key",
         "service-url",
         "submit",
@@ -73,8 +74,13 @@ def test_task_choice_shows_its_fields(browser: WebDriver, static_page_url: str) 
     from selenium.webdriver.support.ui import Select
 
     browser.get(static_page_url)
-    visible = "return ['objects', 'question', 'lang'].filter(n => !document.getElementById(n + '-field').hidden)"
-    expected = {"detect": ["objects"], "segment": ["objects"], "vqa": ["question", "lang"], "caption": ["lang"]}
+    visible = "return [...document.querySelectorAll('label[id$=\"-field\"]:not([hidden])')].map(e => e.id.slice(0, -6))"
+    expected = {
+        "detect": ["objects"],
+        "segment": ["objects"],
+        "vqa": ["question", "lang"],
+        "caption": ["lang", "detail"],
+    }
     for task, fields in expected.items():
         Select(browser.find_element("id", "task")).select_by_value(task)
         assert browser.execute_script(visible) == fields, task
