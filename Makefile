@@ -26,5 +26,10 @@ lint: setup
 	$(VENV)/bin/ruff check paligemma service finetune tests
 	$(VENV)/bin/mypy
 
+.PHONY: check-deploy
+check-deploy: setup  ## compose config, hadolint, k8s schemas, promtool (tools needed: tools/setup_ops.sh)
+	VENV=$(VENV) tools/setup_ops.sh
+	VENV=$(VENV) tools/check_deploy.sh
+
 clean:
 	rm -rf $(VENV) artifacts .pytest_cache .hypothesis
