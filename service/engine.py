@@ -54,6 +54,10 @@ class EngineError(RuntimeError):
     """The engine failed on one request; the engine itself is still usable."""
 
 
+class EngineOverloadedError(EngineError):
+    """The engine's queue is full; the request was not started and may be retried later (HTTP 503)."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine cannot serve any more requests; the process should exit so it can be restarted."""
 
@@ -84,7 +88,7 @@ class Engine(Protocol):
         ...
 
     def stats(self) -> dict[str, float]:
-        """Current ``queue_depth`` and ``in_flight`` (for metrics and tests)."""
+        """Current ``queue_depth`` and ``in_flight``; batching engines add a ``generate_calls`` counter."""
         ...
 
     async def aclose(self) -> None:

@@ -1,0 +1,53 @@
+"""``python -m service --model DIR_OR_ID --engine {auto,transformers,vllm} --host --port``.
+
+Every :class:`service.settings.Settings` field is a flag (``--max-batch-size``) and a ``PALIGEMMA_*``
+variable; flags win. One uvicorn worker: each worker would load its own model. The ``__main__`` guard
+matters because vLLM starts its engine core with ``spawn``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve PaliGemma over HTTP.")
+    for name, field in Settings.model_fields.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {k: v for k, v in vars(args).items() if v is not None}
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        for error in exc.errors():
+            sys.stderr.write(f"error: {'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}\n")
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import uvicorn
+
+    from service.app import create_app
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        workers=1,
+        log_level=settings.log_level,
+        proxy_headers=False,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

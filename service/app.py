@@ -1,0 +1,134 @@
+"""The app factory: ``create_app(settings, engine_factory=None) -> FastAPI``.
+
+Nothing happens at import: the engine is opened in the lifespan (and closed in its ``finally``), metrics
+live in a registry owned by this app, and every error leaves as ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from paligemma import PromptError, SpecialIds
+from service.deps import ServiceState
+from service.engine import Engine, EngineDeadError, EngineError, EngineOverloadedError, UnknownAdapterError
+from service.engines import open_engine
+from service.errors import ServiceError, error_body
+from service.images import ImageLimits
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.routes import router
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[[Settings], AbstractAsyncContextManager[Engine]]
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state.decode_pool = ThreadPoolExecutor(state.settings.decode_threads, thread_name_prefix="image-decode")
+        try:
+            async with factory(state.settings) as engine:
+                state.special_ids = SpecialIds.from_tokenizer(engine.tokenizer())  # type: ignore[arg-type]
+                state.metrics.watch_engine(engine.stats)
+                state.metrics.model_info.labels(engine.model_name, engine.name).set(1)
+                state.engine = engine
+                log.info("serving %s with the %s engine", engine.model_name, engine.name)
+                try:
+                    yield
+                finally:
+                    state.engine = None
+                    state.metrics.unwatch_engine()
+        finally:
+            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+    return lifespan
+
+
+def _reply(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(code, message, request_id_of(request.scope)), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Map every exception to the JSON error shape; only fixed or validator-written messages go out."""
+
+    async def service_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, ServiceError)
+        return _reply(request, exc.status, exc.code, exc.message, exc.headers())
+
+    async def prompt_error(request: Request, exc: Exception) -> JSONResponse:
+        return _reply(request, 422, "bad_prompt", str(exc))  # PromptError texts are written for users
+
+    async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:5]]
+        return _reply(request, 422, "validation_error", "; ".join(problems))
+
+    async def http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, HTTPException)
+        message = exc.detail if exc.status_code < 500 and isinstance(exc.detail, str) else "internal error"
+        return _reply(request, exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), message, exc.headers)
+
+    async def overloaded(request: Request, exc: Exception) -> JSONResponse:
+        return _reply(request, 503, "overloaded", "the server is busy; retry later", {"Retry-After": "1"})
+
+    async def engine_dead(request: Request, exc: Exception) -> JSONResponse:
+        log.error("engine unavailable (request %s): %s", request_id_of(request.scope), exc)
+        return _reply(request, 503, "engine_unavailable", "the model is unavailable", {"Retry-After": "5"})
+
+    async def unknown_adapter(request: Request, exc: Exception) -> JSONResponse:
+        return _reply(request, 422, "unknown_adapter", "the requested adapter is not loaded")
+
+    async def engine_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("engine error (request %s): %s", request_id_of(request.scope), exc)
+        return _reply(request, 500, "engine_error", "the model failed on this request")
+
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error (request %s)", request_id_of(request.scope), exc_info=exc)
+        return _reply(request, 500, "internal", "internal error")
+
+    app.add_exception_handler(ServiceError, service_error)
+    app.add_exception_handler(PromptError, prompt_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(EngineOverloadedError, overloaded)
+    app.add_exception_handler(EngineDeadError, engine_dead)
+    app.add_exception_handler(UnknownAdapterError, unknown_adapter)
+    app.add_exception_handler(EngineError, engine_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def create_app(settings: Settings, engine_factory: EngineFactory | None = None) -> FastAPI:
+    """A fresh app; ``engine_factory`` defaults to :func:`service.engines.open_engine`."""
+    metrics = Metrics()
+    limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_aspect_ratio)
+    state = ServiceState(settings=settings, metrics=metrics, limits=limits)
+    factory = engine_factory or partial(open_engine, on_batch=metrics.batch_size.observe)
+    app = FastAPI(
+        title="PaliGemma service",
+        summary="Detection, VQA, captions and OCR with PaliGemma over HTTP",
+        description="Send the image as a multipart file part `image`, or as base64 in a JSON body. "
+        'Errors are `{"error": {"code", "message", "request_id"}}`.',
+        version="0.1.0",
+        lifespan=_lifespan(state, factory),
+    )
+    app.state.service = state
+    app.include_router(router)
+    _install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every status
+    return app

@@ -1,0 +1,89 @@
+"""Errors the service returns, each with a status, a stable code and a fixed public message.
+
+Every error body is ``{"error": {"code": "...", "message": "...", "request_id": "..."}}``. Messages are
+written here or by the prompt validator (which only echoes the user's own text); exception text from
+Pillow, torch or the engine never reaches a client (Pillow's messages have leaked heap addresses before,
+CVE-2026-22778) — details go to the log with the request id.
+
+::
+
+    ServiceError                 500 internal
+    ├── BadRequest               400 bad_image, bad_base64, bad_json, bad_multipart, bad_field
+    ├── PayloadTooLarge          413 too_large, image_too_large
+    ├── UnsupportedMediaType     415 unsupported_media_type, unsupported_image_format
+    ├── ValidationFailed         422 validation_error, bad_prompt
+    └── Unavailable              503 not_ready, overloaded, engine_unavailable
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+
+class ServiceError(Exception):
+    """Base: an error with an HTTP status, a code and a public message."""
+
+    status: ClassVar[int] = 500
+    default_code: ClassVar[str] = "internal"
+    default_message: ClassVar[str] = "internal error"
+
+    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+        self.code = code or self.default_code
+        self.message = message or self.default_message
+        super().__init__(self.message)
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (``Retry-After`` for 503)."""
+        return {}
+
+
+class BadRequest(ServiceError):
+    """The body could not be read: bad image bytes, base64, JSON or multipart."""
+
+    status = 400
+    default_code = "bad_request"
+    default_message = "the request could not be read"
+
+
+class PayloadTooLarge(ServiceError):
+    """More bytes or pixels than the configured limits."""
+
+    status = 413
+    default_code = "too_large"
+    default_message = "the request body is too large"
+
+
+class UnsupportedMediaType(ServiceError):
+    """A body type other than multipart/JSON, or an image format outside the allow-list."""
+
+    status = 415
+    default_code = "unsupported_media_type"
+    default_message = "send multipart/form-data or application/json"
+
+
+class ValidationFailed(ServiceError):
+    """Fields present but wrong: missing, wrong type, out of range, or text that cannot become a prompt."""
+
+    status = 422
+    default_code = "validation_error"
+    default_message = "the request fields are not valid"
+
+
+class Unavailable(ServiceError):
+    """The engine is not loaded, is full, or has died; the client should retry later."""
+
+    status = 503
+    default_code = "not_ready"
+    default_message = "the model is not ready"
+    retry_after_s: ClassVar[int] = 1
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+def error_body(code: str, message: str, request_id: str | None) -> dict[str, dict[str, str]]:
+    """The one JSON error shape."""
+    error = {"code": code, "message": message}
+    if request_id:
+        error["request_id"] = request_id
+    return {"error": error}

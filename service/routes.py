@@ -1,0 +1,218 @@
+"""HTTP routes: ``/detect``, ``/vqa``, ``/caption``, ``/ocr`` and the probes ``/healthz``, ``/readyz``, ``/metrics``.
+
+Each inference handler is the same four steps: read and validate the fields (cheap, before any decoding),
+build the prefix with :mod:`paligemma.prompts`, decode the image in the pool, call the engine through
+``EngineDep``. Handlers hold no model code; engines hold no HTTP code.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from PIL.Image import Image
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
+
+from paligemma import prompts, score_from_logprobs
+from service.deps import EngineDep, ServiceState, StateDep
+from service.detections import build_detections
+from service.engine import Engine, Generation, GenerationRequest
+from service.errors import Unavailable, ValidationFailed
+from service.intake import decode, read_request
+from service.middleware import request_id_of
+from service.schemas import (
+    OCRJSON,
+    VQAJSON,
+    CaptionJSON,
+    CaptionParams,
+    DetectJSON,
+    DetectParams,
+    DetectResponse,
+    ErrorResponse,
+    ImageInfo,
+    OCRParams,
+    Status,
+    TextResponse,
+    Usage,
+    VQAParams,
+    VQAResponse,
+)
+
+router = APIRouter()
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in (
+        (400, "Unreadable body or image"),
+        (413, "Body or image too large"),
+        (415, "Not multipart/JSON, or an image format outside JPEG/PNG/WEBP/GIF/BMP"),
+        (422, "Missing or invalid fields"),
+        (503, "Model not ready, overloaded or unavailable"),
+    )
+}
+
+
+def _body_docs(params: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
+    """OpenAPI request body for both content types (the handlers parse the body themselves)."""
+    form = params.model_json_schema()
+    form["properties"] = {
+        "image": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"},
+        **form["properties"],
+    }
+    form["required"] = ["image", *form.get("required", [])]
+    content = {"multipart/form-data": {"schema": form}, "application/json": {"schema": json_model.model_json_schema()}}
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _max_new_tokens(state: ServiceState, requested: int | None) -> int:
+    limit = state.settings.max_new_tokens_limit
+    if requested is not None and requested > limit:
+        raise ValidationFailed(f"max_new_tokens: may be at most {limit}")
+    return requested or state.settings.max_new_tokens
+
+
+async def _generate(
+    request: Request, state: ServiceState, engine: Engine, image: Image, prefix: str, max_new_tokens: int
+) -> Generation:
+    generation = await engine.generate(
+        GenerationRequest(
+            image=image, prefix=prefix, max_new_tokens=max_new_tokens, request_id=request_id_of(request.scope) or ""
+        )
+    )
+    endpoint = request.url.path
+    state.metrics.generated_tokens.labels(endpoint).inc(generation.completion_tokens)
+    state.metrics.prompt_tokens.labels(endpoint).inc(generation.prompt_tokens)
+    return generation
+
+
+def _usage(generation: Generation) -> Usage:
+    return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens)
+
+
+def _ms(start: float) -> float:
+    return round((time.perf_counter() - start) * 1000, 1)
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_docs(DetectParams, DetectJSON),
+    summary="Boxes for the named objects",
+    tags=["inference"],
+)
+async def detect(request: Request, state: StateDep, engine: EngineDep) -> DetectResponse:
+    """Detect objects; boxes in pixels of the uploaded image after EXIF rotation (x right, y down)."""
+    start = time.perf_counter()
+    params, data = await read_request(request, DetectParams, state.limits)
+    objects = prompts.split_objects(params.objects)
+    prefix = prompts.detect(objects)
+    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    image = await decode(state, data)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    if state.special_ids is None:
+        raise Unavailable()
+    detections, dropped = build_detections(
+        generation, image.width, image.height, objects, state.special_ids, engine.tokenizer()
+    )
+    state.metrics.detections.observe(len(detections))
+    state.metrics.detections_dropped.labels("no_label").inc(dropped)
+    return DetectResponse(
+        detections=detections,
+        image=ImageInfo(width=image.width, height=image.height),
+        model=engine.model_name,
+        text=generation.text,
+        usage=_usage(generation),
+        latency_ms=_ms(start),
+    )
+
+
+@router.post(
+    "/vqa",
+    response_model=VQAResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_docs(VQAParams, VQAJSON),
+    summary="Answer a question about the image",
+    tags=["inference"],
+)
+async def vqa(request: Request, state: StateDep, engine: EngineDep) -> VQAResponse:
+    """Short answer to ``question``; ``score`` is the geometric mean of the answer tokens' probabilities."""
+    start = time.perf_counter()
+    params, data = await read_request(request, VQAParams, state.limits)
+    prefix = prompts.answer(params.question, params.lang)
+    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    image = await decode(state, data)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    return VQAResponse(
+        answer=generation.text.strip(),
+        score=score_from_logprobs(generation.logprobs),
+        model=engine.model_name,
+        text=generation.text,
+        usage=_usage(generation),
+        latency_ms=_ms(start),
+    )
+
+
+async def _text_task(
+    request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
+) -> TextResponse:
+    start = time.perf_counter()
+    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    image = await decode(state, data)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    return TextResponse(
+        text=generation.text.strip(),
+        score=score_from_logprobs(generation.logprobs),
+        model=engine.model_name,
+        usage=_usage(generation),
+        latency_ms=_ms(start),
+    )
+
+
+@router.post(
+    "/caption",
+    response_model=TextResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_docs(CaptionParams, CaptionJSON),
+    summary="Caption the image",
+    tags=["inference"],
+)
+async def caption(request: Request, state: StateDep, engine: EngineDep) -> TextResponse:
+    """``detail=short`` uses the ``caption {lang}`` prefix, ``long`` uses ``describe {lang}``."""
+    params, data = await read_request(request, CaptionParams, state.limits)
+    prefix = prompts.caption(params.lang) if params.detail == "short" else prompts.describe(params.lang)
+    return await _text_task(request, state, engine, prefix, params, data)
+
+
+@router.post(
+    "/ocr",
+    response_model=TextResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_docs(OCRParams, OCRJSON),
+    summary="Read the text in the image",
+    tags=["inference"],
+)
+async def ocr(request: Request, state: StateDep, engine: EngineDep) -> TextResponse:
+    params, data = await read_request(request, OCRParams, state.limits)
+    return await _text_task(request, state, engine, prompts.ocr(), params, data)
+
+
+@router.get("/healthz", response_model=Status, tags=["probes"])
+async def healthz() -> Status:
+    """The process is alive and serving HTTP."""
+    return Status(status="ok")
+
+
+@router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, tags=["probes"])
+async def readyz(state: StateDep, engine: EngineDep) -> Status:
+    """The engine is loaded and healthy: send traffic."""
+    await engine.check_health()
+    return Status(status="ready", model=engine.model_name, engine=engine.name)
+
+
+@router.get("/metrics", tags=["probes"], response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """Prometheus text format: this app's ``paligemma_*`` metrics and prometheus_client's default registry."""
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

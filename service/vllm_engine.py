@@ -1,0 +1,233 @@
+"""The vLLM engine: in-process ``AsyncLLM`` with continuous batching, per-request LoRA and logprobs.
+
+The only module that imports vLLM (lazily, inside functions). vLLM's EngineCore runs in a separate
+process; this process keeps tokenization, image preprocessing, detokenization and vLLM's own Prometheus
+metrics (``vllm:*`` in the default registry). The prompt is the task prefix alone: vLLM's PaliGemma
+processor inserts ``<image>`` x N and ``<bos>`` and appends ``"\\n"``.
+
+Cancelling the task that awaits :meth:`VLLMEngine.generate` aborts the request inside vLLM (its
+``generate`` catches the cancellation and calls ``abort``), which is how client disconnects and
+deadlines free the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.engine import (
+    EngineDeadError,
+    EngineError,
+    Generation,
+    GenerationRequest,
+    UnknownAdapterError,
+)
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class VLLMOptions:
+    """Engine arguments exposed as settings (names follow vLLM's ``AsyncEngineArgs``)."""
+
+    model: str
+    dtype: str = "auto"
+    """``auto`` = bfloat16 for PaliGemma 2 on a GPU (fp16 is unstable there), float32 on CPU."""
+    max_model_len: int | None = None
+    max_num_seqs: int = 32
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    data_parallel_size: int = 1
+    enforce_eager: bool = False
+    kv_cache_gib: float | None = None
+    """KV cache size in GiB (the CPU backend's ``VLLM_CPU_KVCACHE_SPACE``); None = vLLM's default."""
+    loras: dict[str, str] = field(default_factory=dict)
+    """Adapter name -> PEFT adapter directory, served per request without merging."""
+    max_lora_rank: int = 16
+    seed: int = 0
+
+
+def resolve_dtype(options: VLLMOptions, on_gpu: bool, model_type: str | None) -> str:
+    """vLLM's fp16 guard misses PaliGemma 2 (top-level model_type is ``paligemma``): force bf16 there."""
+    if options.dtype != "auto":
+        return options.dtype
+    if not on_gpu:
+        return "float32"
+    return "bfloat16" if model_type == "gemma2" else "auto"
+
+
+def _text_model_type(model: str) -> str | None:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    text_config = getattr(config, "text_config", None)
+    return getattr(text_config, "model_type", None)
+
+
+def _lora_rank_bucket(rank: int) -> int:
+    for bucket in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= bucket:
+            return bucket
+    raise ValueError(f"LoRA rank {rank} is larger than vLLM supports (512)")
+
+
+def _adapter_rank(path: str) -> int:
+    import json
+
+    config = json.loads((Path(path) / "adapter_config.json").read_text())
+    return int(config.get("r", 16))
+
+
+class VLLMEngine:
+    """Engine protocol over ``vllm.v1.engine.async_llm.AsyncLLM``."""
+
+    name = "vllm"
+
+    def __init__(self, llm: Any, options: VLLMOptions, tokenizer: Any) -> None:
+        from vllm.lora.request import LoRARequest
+
+        self._llm = llm
+        self._options = options
+        self._tokenizer = tokenizer
+        self.model_name = Path(options.model).name or options.model
+        self._loras = {
+            name: LoRARequest(lora_name=name, lora_int_id=i, lora_path=path)
+            for i, (name, path) in enumerate(sorted(options.loras.items()), start=1)
+        }
+        self._eos_ids = _eos_ids(tokenizer, options.model)
+        self._in_flight = 0
+        self._generate_calls = 0
+
+    @property
+    def adapters(self) -> list[str]:
+        return sorted(self._loras)
+
+    def tokenizer(self) -> Any:
+        return self._tokenizer
+
+    def stats(self) -> dict[str, float]:
+        """Our in-flight count plus vLLM's own count of unfinished requests."""
+        return {
+            "in_flight": float(self._in_flight),
+            "queue_depth": float(max(0, self._llm.get_num_unfinished_requests() - self._in_flight)),
+            "engine_unfinished": float(self._llm.get_num_unfinished_requests()),
+            "generate_calls": float(self._generate_calls),
+        }
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError("vLLM engine core died")
+
+    async def generate(self, request: GenerationRequest) -> Generation:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+        from vllm.v1.engine.exceptions import EngineDeadError as VLLMDead
+
+        if request.adapter is not None and request.adapter not in self._loras:
+            raise UnknownAdapterError(request.adapter)
+        params = SamplingParams(
+            temperature=0.0,
+            max_tokens=request.max_new_tokens,
+            logprobs=1,
+            skip_special_tokens=False,
+            output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        prompt = {"prompt": request.prefix, "multi_modal_data": {"image": request.image}}
+        request_id = request.request_id or uuid.uuid4().hex
+        lora = self._loras.get(request.adapter) if request.adapter else None
+        final = None
+        self._in_flight += 1
+        self._generate_calls += 1
+        try:
+            async for output in self._llm.generate(prompt, params, request_id, lora_request=lora):
+                final = output
+        except VLLMDead as exc:
+            raise EngineDeadError("vLLM engine core died") from exc
+        except Exception as exc:  # one request failed; the engine goes on
+            if self._llm.errored:
+                raise EngineDeadError("vLLM engine core died") from exc
+            raise EngineError(f"vLLM failed on request {request_id}") from exc
+        finally:
+            self._in_flight -= 1
+        if final is None or not final.outputs:
+            raise EngineError(f"vLLM returned no output for request {request_id}")
+        return self._to_generation(final)
+
+    def _to_generation(self, final: Any) -> Generation:
+        completion = final.outputs[0]
+        ids = list(completion.token_ids)
+        logprobs = [_chosen_logprob(step, tok) for step, tok in zip(completion.logprobs or [], ids, strict=False)]
+        while ids and ids[-1] in self._eos_ids:
+            ids.pop()
+        logprobs = logprobs[: len(ids)]
+        reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+        return Generation(
+            token_ids=tuple(ids),
+            text=self._tokenizer.decode(ids, skip_special_tokens=False),
+            logprobs=tuple(logprobs),
+            finish_reason=reason,
+            prompt_tokens=len(final.prompt_token_ids or ()),
+        )
+
+    async def aclose(self) -> None:
+        self._llm.shutdown()
+
+
+def _chosen_logprob(step: Any, token_id: int) -> float:
+    entry = step.get(token_id) if step else None
+    return float(entry.logprob) if entry is not None else float("nan")
+
+
+def _eos_ids(tokenizer: Any, model: str) -> set[int]:
+    ids = {int(tokenizer.eos_token_id)}
+    try:
+        from transformers import GenerationConfig
+
+        eos = GenerationConfig.from_pretrained(model).eos_token_id
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    except OSError:
+        pass
+    return ids
+
+
+@asynccontextmanager
+async def open_vllm_engine(options: VLLMOptions) -> AsyncIterator[VLLMEngine]:
+    """Start ``AsyncLLM`` for ``options``; shut it down on exit (call from the app's lifespan)."""
+    import torch
+    from transformers import AutoTokenizer
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    on_gpu = torch.cuda.is_available()
+    dtype = resolve_dtype(options, on_gpu, _text_model_type(options.model))
+    ranks = [_adapter_rank(p) for p in options.loras.values()]
+    args = AsyncEngineArgs(
+        model=options.model,
+        dtype=dtype,
+        max_model_len=options.max_model_len,
+        max_num_seqs=options.max_num_seqs,
+        gpu_memory_utilization=options.gpu_memory_utilization,
+        tensor_parallel_size=options.tensor_parallel_size,
+        data_parallel_size=options.data_parallel_size,
+        enforce_eager=options.enforce_eager,
+        limit_mm_per_prompt={"image": 1},
+        kv_cache_memory_bytes=int(options.kv_cache_gib * 2**30) if options.kv_cache_gib else None,
+        enable_lora=bool(options.loras),
+        max_lora_rank=_lora_rank_bucket(max(ranks, default=options.max_lora_rank)),
+        max_loras=max(1, len(options.loras)),
+        seed=options.seed,
+        disable_log_stats=False,
+    )
+    logger.info("starting vLLM (%s, dtype=%s, gpu=%s, adapters=%s)", options.model, dtype, on_gpu, list(options.loras))
+    llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+    try:
+        await llm.reset_mm_cache()
+        yield VLLMEngine(llm, options, AutoTokenizer.from_pretrained(options.model))
+    finally:
+        llm.shutdown()
