@@ -23,6 +23,7 @@ pycocotools and OpenCV (``opencv-python-headless``) are the ``serve`` extra's an
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, TypedDict
 
 import numpy as np
@@ -50,7 +51,9 @@ def decode_rle(rle: RLE) -> np.ndarray:
 
     counts: Any = rle["counts"]
     encoded = {"size": list(rle["size"]), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    return np.asarray(coco_mask.decode(encoded), dtype=bool)
+    with warnings.catch_warnings():  # pycocotools 2.0.x's decode trips numpy 2's __array__(copy=) deprecation
+        warnings.filterwarnings("ignore", message="__array__ implementation", category=DeprecationWarning)
+        return np.asarray(coco_mask.decode(encoded), dtype=bool)
 
 
 def mask_polygons(mask: np.ndarray) -> list[list[int]]:

@@ -24,6 +24,7 @@ from paligemma.segmentation import (
 )
 from paligemma.tokens import encode_box
 
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")  # pycocotools.decode
 D = 32  # small codebook width keeps the file tiny; the real D is read from vae-oid.npz
 
 
