@@ -33,6 +33,7 @@ Run (about 1-2 minutes on an H100, well under 5):
     python benchmarks/gpu_paligemma2_3b.py --dry-run             # tiny shapes on the CPU, seconds (a smoke test)
 """
 
+# ruff: noqa: T201  (a command-line benchmark: the table goes to stdout)
 from __future__ import annotations
 
 import argparse
