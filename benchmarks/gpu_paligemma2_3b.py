@@ -51,8 +51,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 VOCAB_SIZE = 257216
 IMAGE_TOKEN_ID = 257152
-PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H200": 989.4, "H100 PCIe": 756.0,
-                    "H100 NVL": 835.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0}
+PEAK_BF16_TFLOPS = {
+    "H100 SXM": 989.4,
+    "H100 80GB HBM3": 989.4,
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+}
 PREFIX = "detect cat ; dog"
 
 
@@ -76,8 +85,19 @@ class Shapes:
         return (self.image_size // self.patch_size) ** 2
 
 
-DRY_RUN_SHAPES = Shapes(text_hidden=128, text_layers=2, text_heads=2, text_kv_heads=1, head_dim=64, text_mlp=256,
-                        vision_hidden=64, vision_layers=2, vision_heads=2, vision_mlp=128, image_size=112)
+DRY_RUN_SHAPES = Shapes(
+    text_hidden=128,
+    text_layers=2,
+    text_heads=2,
+    text_kv_heads=1,
+    head_dim=64,
+    text_mlp=256,
+    vision_hidden=64,
+    vision_layers=2,
+    vision_heads=2,
+    vision_mlp=128,
+    image_size=112,
+)
 
 
 @dataclass
@@ -237,12 +257,20 @@ async def run_engine(model: Any, processor: Any, images: list[Any], batch: int, 
     from service.engine import GenerationRequest
     from service.hf_engine import HFEngine
 
-    engine = HFEngine(model, processor, model_name="paligemma2-3b-random", max_batch_size=batch,
-                      batch_window_s=0.05, max_queue_size=len(images) + 1)
+    engine = HFEngine(
+        model,
+        processor,
+        model_name="paligemma2-3b-random",
+        max_batch_size=batch,
+        batch_window_s=0.05,
+        max_queue_size=len(images) + 1,
+    )
     engine.start()
     try:
-        requests = [GenerationRequest(image=im, prefix=PREFIX, max_new_tokens=max_new, request_id=str(i))
-                    for i, im in enumerate(images)]
+        requests = [
+            GenerationRequest(image=im, prefix=PREFIX, max_new_tokens=max_new, request_id=str(i))
+            for i, im in enumerate(images)
+        ]
         start = time.perf_counter()
         results = await asyncio.gather(*(engine.generate(r) for r in requests))
         seconds = time.perf_counter() - start
@@ -308,13 +336,16 @@ def main() -> int:
     model = build_model(shapes, tokenizer, device, dtype)
     sync(device)
     counts = parameter_counts(model)
-    prompt_len = int(processor(text=["<image>" + PREFIX], images=make_images(1, 99), return_tensors="pt")
-                     ["input_ids"].shape[1])
-    print(f"device {gpu}  dtype {dtype}  params {counts['total'] / 1e9:.3f} G "
-          f"(vision {counts['vision'] / 1e9:.3f}, text body {counts['text_body'] / 1e9:.3f}, "
-          f"embedding/LM head {counts['embedding'] / 1e9:.3f})  prompt {prompt_len} tokens  "
-          f"tokenizer {len(tokenizer)} ids built in {t_tok:.1f}s  model built in {time.perf_counter() - t0:.1f}s",
-          flush=True)
+    prompt_len = int(
+        processor(text=["<image>" + PREFIX], images=make_images(1, 99), return_tensors="pt")["input_ids"].shape[1]
+    )
+    print(
+        f"device {gpu}  dtype {dtype}  params {counts['total'] / 1e9:.3f} G "
+        f"(vision {counts['vision'] / 1e9:.3f}, text body {counts['text_body'] / 1e9:.3f}, "
+        f"embedding/LM head {counts['embedding'] / 1e9:.3f})  prompt {prompt_len} tokens  "
+        f"tokenizer {len(tokenizer)} ids built in {t_tok:.1f}s  model built in {time.perf_counter() - t0:.1f}s",
+        flush=True,
+    )
     nominal = flops_per_image(counts, shapes, prompt_len, args.max_new_tokens)
     print(f"FLOPs per image at {args.max_new_tokens} generated tokens: {nominal / 1e12:.3f} TFLOP", flush=True)
     pre_ms = preprocess_ms_per_image(processor, make_images(16, 98))
@@ -344,8 +375,10 @@ def main() -> int:
         res = Result(f"HFEngine max_batch_size={batch}", batch, batch * args.batches_per_config)
         try:
             asyncio.run(run_engine(model, processor, make_images(batch, 10 + i), batch, args.max_new_tokens))
-            finish(res, *asyncio.run(run_engine(model, processor, make_images(res.images, 20 + i), batch,
-                                                args.max_new_tokens)))
+            finish(
+                res,
+                *asyncio.run(run_engine(model, processor, make_images(res.images, 20 + i), batch, args.max_new_tokens)),
+            )
             expected = -(-res.images // batch)
             if res.generate_calls > expected:  # HFEngine retries a failed batch one request at a time
                 res.error = f"{res.generate_calls} generate calls for {expected} batches: a batch failed (OOM?)"
@@ -366,26 +399,44 @@ def main() -> int:
     for r in results:
         speedup = f"{r.images_per_s / base:7.1f}" if base and r.images_per_s else "      -"
         util = f"{r.utilisation:8.1%}" if r.utilisation is not None else "       -"
-        print(f"{r.name:34} {r.images:6d} {r.generate_calls:5d} {r.images_per_s:8.2f} {speedup} "
-              f"{r.tflops_per_s:8.1f} {util}  {r.error or ''}")
-    print(f"\npeak used: {peak} TFLOP/s ({gpu}); FLOPs counted per the module docstring; "
-          f"{args.max_new_tokens} max new tokens, prompt {prompt_len} tokens; total {time.perf_counter() - t0:.0f}s")
+        print(
+            f"{r.name:34} {r.images:6d} {r.generate_calls:5d} {r.images_per_s:8.2f} {speedup} "
+            f"{r.tflops_per_s:8.1f} {util}  {r.error or ''}"
+        )
+    print(
+        f"\npeak used: {peak} TFLOP/s ({gpu}); FLOPs counted per the module docstring; "
+        f"{args.max_new_tokens} max new tokens, prompt {prompt_len} tokens; total {time.perf_counter() - t0:.0f}s"
+    )
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "gpu_paligemma2_3b.json").write_text(json.dumps({
-            "device": gpu, "dtype": str(dtype), "dry_run": args.dry_run, "peak_tflops": peak,
-            "params": counts, "prompt_tokens": prompt_len, "max_new_tokens": args.max_new_tokens,
-            "tflop_per_image_at_max_new_tokens": nominal / 1e12, "preprocess_ms_per_image": pre_ms,
-            "results": [asdict(r) for r in results],
-        }, indent=2))
+        (out / "gpu_paligemma2_3b.json").write_text(
+            json.dumps(
+                {
+                    "device": gpu,
+                    "dtype": str(dtype),
+                    "dry_run": args.dry_run,
+                    "peak_tflops": peak,
+                    "params": counts,
+                    "prompt_tokens": prompt_len,
+                    "max_new_tokens": args.max_new_tokens,
+                    "tflop_per_image_at_max_new_tokens": nominal / 1e12,
+                    "preprocess_ms_per_image": pre_ms,
+                    "results": [asdict(r) for r in results],
+                },
+                indent=2,
+            )
+        )
         print(f"wrote {out / 'gpu_paligemma2_3b.json'}")
     return 0 if all(r.error is None for r in results) else 1
 
 
 def print_row(r: Result) -> None:
-    print(f"  {r.name}: {r.images} images in {r.seconds:.2f}s = {r.images_per_s:.2f} img/s, "
-          f"{r.tflops_per_s:.1f} TFLOP/s, {r.generate_calls} generate calls {r.error or ''}", flush=True)
+    print(
+        f"  {r.name}: {r.images} images in {r.seconds:.2f}s = {r.images_per_s:.2f} img/s, "
+        f"{r.tflops_per_s:.1f} TFLOP/s, {r.generate_calls} generate calls {r.error or ''}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":
