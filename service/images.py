@@ -90,12 +90,14 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
         raise BadRequest("the image could not be decoded", code="bad_image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image has more than {limits.max_pixels} pixels", code="image_too_large") from None
+    except Exception:  # hostile headers make decoders raise nearly anything (OSError, SyntaxError, struct.error)
+        raise BadRequest("the image could not be decoded", code="bad_image") from None
     _check_geometry(*image.size, limits)
     try:
         image.load()  # frame 0 of animations; truncated data raises here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image has more than {limits.max_pixels} pixels", code="image_too_large") from None
-    except (OSError, ValueError, SyntaxError, EOFError):
+    except Exception:
         raise BadRequest("the image data is truncated or corrupt", code="bad_image") from None
     return image
 
