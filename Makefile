@@ -16,8 +16,13 @@ setup: $(STAMP)
 tiny: setup  ## a tiny random PaliGemma in artifacts/tiny
 	$(PY) -m finetune tiny --out artifacts/tiny
 
-serve: setup
-	@echo "Setup done. The HTTP service is not built yet: see the open service issue."
+serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the tiny random model in artifacts/tiny
+	@if [ -z "$$PALIGEMMA_MODEL" ]; then \
+		test -f artifacts/tiny/config.json || $(PY) -m finetune tiny --out artifacts/tiny; \
+		exec $(PY) -m service --model artifacts/tiny --engine transformers --port 8000; \
+	else \
+		exec $(PY) -m service --port 8000; \
+	fi
 
 test: setup
 	$(PY) -m pytest -q

@@ -81,7 +81,9 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HTTPException)
         message = exc.detail if exc.status_code < 500 and isinstance(exc.detail, str) else "internal error"
-        return _reply(request, exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), message, exc.headers)
+        return _reply(
+            request, exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), message, dict(exc.headers or {})
+        )
 
     async def overloaded(request: Request, exc: Exception) -> JSONResponse:
         return _reply(request, 503, "overloaded", "the server is busy; retry later", {"Retry-After": "1"})

@@ -270,7 +270,7 @@ def load_model(settings: Settings) -> tuple[Any, Any]:
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
     processor = PaliGemmaProcessor.from_pretrained(settings.model)
     model = PaliGemmaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
-    return model.to(device).eval(), processor
+    return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types .to() oddly
 
 
 @contextlib.asynccontextmanager

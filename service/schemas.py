@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.config import JsonDict
 
 _PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 MaxNewTokens = Field(None, ge=1, description="Tokens to generate at most (default and limit: server settings)")
@@ -107,7 +108,7 @@ class _Result(BaseModel):
     latency_ms: float
 
 
-_USAGE = {"prompt_tokens": 262, "completion_tokens": 11}
+_USAGE: JsonDict = {"prompt_tokens": 262, "completion_tokens": 11}
 
 
 class DetectResponse(_Result):

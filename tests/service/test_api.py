@@ -65,8 +65,9 @@ def test_json(client: TestClient, png: bytes, path: str, fields: dict[str, Any],
 
 
 def test_detect_response_schema(client: TestClient) -> None:
-    response = client.post("/detect", files={"image": ("x.jpg", image_bytes((90, 30), fmt="JPEG"))},
-                           data={"objects": ["cat", "dog"]})  # repeated fields
+    response = client.post(
+        "/detect", files={"image": ("x.jpg", image_bytes((90, 30), fmt="JPEG"))}, data={"objects": ["cat", "dog"]}
+    )  # repeated fields
     body = response.json()
     assert set(body) == {"detections", "image", "model", "text", "usage", "latency_ms"}
     assert body["image"] == {"width": 90, "height": 30}
@@ -94,9 +95,10 @@ def test_bad_image_is_400(client: TestClient, path: str) -> None:
 
 def test_bad_base64_json_and_multipart_are_400(client: TestClient, png: bytes) -> None:
     assert_error(client.post("/ocr", json={"image": "***not base64***"}), 400, "bad_base64")
-    assert_error(client.post("/ocr", content=b"{not json", headers={"content-type": "application/json"}), 400,
-                 "bad_json")
-    broken = b"--b\r\nContent-Disposition: form-data; name=\"image\"\r\n\r\nabc"  # no closing boundary
+    assert_error(
+        client.post("/ocr", content=b"{not json", headers={"content-type": "application/json"}), 400, "bad_json"
+    )
+    broken = b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nabc'  # no closing boundary
     no_boundary = client.post("/ocr", content=broken, headers={"content-type": "multipart/form-data"})
     assert_error(no_boundary, 400, "bad_multipart")
     unterminated = client.post("/ocr", content=broken, headers={"content-type": "multipart/form-data; boundary=b"})
@@ -108,8 +110,9 @@ def test_bad_base64_json_and_multipart_are_400(client: TestClient, png: bytes) -
 
 
 def test_bad_content_length_is_400(client: TestClient) -> None:
-    assert_error(client.post("/ocr", content=b"{}", headers={"content-length": "-5",
-                                                              "content-type": "application/json"}), 400)
+    assert_error(
+        client.post("/ocr", content=b"{}", headers={"content-length": "-5", "content-type": "application/json"}), 400
+    )
 
 
 # --- 413 ---------------------------------------------------------------------------------------
@@ -132,8 +135,9 @@ def test_body_limit_counts_streamed_bytes(client: TestClient) -> None:
     response = client.post("/ocr", content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in response.request.headers
     assert_error(response, 413, "too_large")
-    declared = client.post("/ocr", content=b"{}", headers={"content-length": str(limit + 1),
-                                                            "content-type": "application/json"})
+    declared = client.post(
+        "/ocr", content=b"{}", headers={"content-length": str(limit + 1), "content-type": "application/json"}
+    )
     assert_error(declared, 413, "too_large")
 
 
@@ -146,8 +150,9 @@ def test_pixel_bomb_is_413(client: TestClient) -> None:
 
 
 def test_unsupported_media_types(client: TestClient) -> None:
-    assert_error(client.post("/ocr", content=b"hello", headers={"content-type": "text/plain"}), 415,
-                 "unsupported_media_type")
+    assert_error(
+        client.post("/ocr", content=b"hello", headers={"content-type": "text/plain"}), 415, "unsupported_media_type"
+    )
     assert_error(client.post("/ocr", data={"a": "b"}), 415)  # urlencoded form
     tiff = image_bytes(fmt="TIFF")
     assert_error(client.post("/ocr", files={"image": ("x.png", tiff, "image/png")}), 415, "unsupported_image_format")
@@ -221,9 +226,11 @@ def test_overloaded_engine_is_503(tiny_checkpoint: Path, png: bytes) -> None:
 
     settings = make_settings(tiny_checkpoint, max_batch_size=1, max_queue_size=1, batch_window_ms=0)
     with TestClient(create_app(settings)) as client, ThreadPoolExecutor(12) as pool:
-        responses = list(pool.map(
-            lambda _: client.post("/ocr", files={"image": ("x.png", png)}, data={"max_new_tokens": "48"}), range(12)
-        ))
+        responses = list(
+            pool.map(
+                lambda _: client.post("/ocr", files={"image": ("x.png", png)}, data={"max_new_tokens": "48"}), range(12)
+            )
+        )
         statuses = sorted(r.status_code for r in responses)
         assert 200 in statuses and 503 in statuses, statuses
         rejected = next(r for r in responses if r.status_code == 503)

@@ -1,0 +1,116 @@
+"""The real thing: ``python -m service`` in its own process on a free loopback port, called over TCP
+with a multipart upload (what the README's curl line sends) and with the Python clients."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service.client import AsyncClient, Client, ServiceHTTPError
+from tests.service.conftest import image_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path) -> Iterator[str]:
+    port = _free_port()
+    command = [
+        sys.executable,
+        "-m",
+        "service",
+        "--model",
+        str(tiny_checkpoint),
+        "--engine",
+        "transformers",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-new-tokens",
+        "5",
+        "--log-level",
+        "warning",
+    ]
+    env = {**os.environ, "PALIGEMMA_MAX_BATCH_SIZE": "4"}  # settings from the environment, too
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.stdout.read().decode()[-2000:]  # type: ignore[union-attr]
+            try:
+                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        else:
+            pytest.fail("server did not become ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_multipart_detect_over_tcp(server: str) -> None:
+    response = httpx.post(
+        f"{server}/detect",
+        files={"image": ("x.png", image_bytes((80, 60)), "image/png")},
+        data={"objects": "cat ; dog"},
+        timeout=60,
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"detections", "image", "model", "text", "usage", "latency_ms"}
+    assert body["image"] == {"width": 80, "height": 60}
+    assert body["usage"]["completion_tokens"] == 5
+    assert response.headers["x-request-id"]
+    assert httpx.get(f"{server}/metrics").text.count("paligemma_http_requests_total{") >= 1
+
+
+def test_sync_client(server: str, tmp_path: Path) -> None:
+    path = tmp_path / "x.jpg"
+    Image.new("RGB", (50, 40), "green").save(path)
+    with Client(server) as client:
+        assert client.ready()
+        detect = client.detect(path, ["cat", "dog"], max_new_tokens=3)
+        assert detect.image.width == 50 and detect.usage.completion_tokens == 3
+        assert isinstance(client.vqa(Image.new("RGB", (30, 30)), "what is it?").answer, str)
+        assert client.caption(path.read_bytes(), detail="long").usage.completion_tokens == 5
+        assert isinstance(client.ocr(path).text, str)
+        with pytest.raises(ServiceHTTPError) as info:
+            client.detect(path, "<loc0001>")
+        assert info.value.status == 422 and info.value.code == "bad_prompt"
+
+
+def test_async_client_concurrently(server: str) -> None:
+    async def run() -> None:
+        async with AsyncClient(server) as client:
+            assert await client.ready()
+            image = Image.new("RGB", (40, 40), "white")
+            results = await asyncio.gather(
+                client.detect(image, "cat"), client.vqa(image, "why?"), client.caption(image), client.ocr(image)
+            )
+            assert [r.model for r in results] == [results[0].model] * 4
+            with pytest.raises(ServiceHTTPError) as info:
+                await client.ocr(b"not an image")
+            assert info.value.status == 400
+
+    asyncio.run(run())
