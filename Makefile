@@ -24,8 +24,11 @@ serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the tiny ra
 		exec $(PY) -m service --port 8000; \
 	fi
 
-test: setup
-	$(PY) -m pytest -q
+test: setup  ## the whole suite: unit, service, vLLM CPU, browser, deploy checks and a real Prometheus
+	VENV=$(VENV) tools/setup_ops.sh
+	tools/setup_browser.sh
+	VENV=$(VENV) tools/check_deploy.sh
+	PALIGEMMA_REQUIRE_BROWSER=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check paligemma service finetune tests
