@@ -101,17 +101,13 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class _Result(BaseModel):
-    model: str
-    text: str = Field(description="What the model generated (loc tokens kept)")
-    usage: Usage
-    latency_ms: float
+_TEXT = Field(description="What the model generated (loc tokens kept)")
 
 
 _USAGE: JsonDict = {"prompt_tokens": 262, "completion_tokens": 11}
 
 
-class DetectResponse(_Result):
+class DetectResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -135,9 +131,13 @@ class DetectResponse(_Result):
     )
     detections: list[Detection]
     image: ImageInfo
+    model: str
+    text: str = _TEXT
+    usage: Usage
+    latency_ms: float
 
 
-class VQAResponse(_Result):
+class VQAResponse(BaseModel):
     model_config = ConfigDict(
         json_schema_extra={
             "examples": [
@@ -154,9 +154,13 @@ class VQAResponse(_Result):
     )
     answer: str
     score: float | None = Field(description="Geometric mean of the answer tokens' probabilities")
+    model: str
+    text: str = _TEXT
+    usage: Usage
+    latency_ms: float
 
 
-class TextResponse(_Result):
+class TextResponse(BaseModel):
     """``/caption`` and ``/ocr``: ``text`` is the caption or the text read."""
 
     model_config = ConfigDict(
@@ -172,7 +176,11 @@ class TextResponse(_Result):
             ]
         }
     )
+    text: str = Field(description="The caption, or the text read")
     score: float | None = Field(description="Geometric mean of the generated tokens' probabilities")
+    model: str
+    usage: Usage
+    latency_ms: float
 
 
 class ErrorDetail(BaseModel):

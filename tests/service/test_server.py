@@ -4,7 +4,9 @@ with a multipart upload (what the README's curl line sends) and with the Python 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -114,3 +116,14 @@ def test_async_client_concurrently(server: str) -> None:
             assert info.value.status == 400
 
     asyncio.run(run())
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
+def test_readme_curl_line(server: str, tmp_path: Path) -> None:
+    """The README's curl command; ``--form-string`` because curl's ``-F`` cuts a value at ``;``."""
+    path = tmp_path / "x.png"
+    path.write_bytes(image_bytes((70, 50)))
+    command = ["curl", "-s", "-F", f"image=@{path}", "--form-string", "objects=cat ; dog", f"{server}/detect"]
+    body = json.loads(subprocess.run(command, capture_output=True, check=True, timeout=60).stdout)
+    assert set(body) == {"detections", "image", "model", "text", "usage", "latency_ms"}
+    assert body["image"] == {"width": 70, "height": 50}
