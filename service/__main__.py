@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import typing
 
 from pydantic import ValidationError
 
@@ -19,7 +20,11 @@ from service.settings import Settings
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve PaliGemma over HTTP.")
     for name, field in Settings.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None, help=field.description)
+        flag = f"--{name.replace('_', '-')}"
+        if typing.get_origin(field.annotation) is list:  # repeatable: --lora a=/x --lora b=/y
+            parser.add_argument(flag, dest=name, action="append", default=None, help=field.description)
+        else:
+            parser.add_argument(flag, dest=name, default=None, help=field.description)
     return parser
 
 
@@ -38,15 +43,20 @@ def main(argv: list[str] | None = None) -> int:
 
     from service.app import create_app
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        workers=1,
-        log_level=settings.log_level,
-        proxy_headers=False,
+    app = create_app(settings)
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            workers=1,
+            log_level=settings.log_level,
+            proxy_headers=False,
+        )
     )
-    return 0
+    app.state.service.request_exit = lambda: setattr(server, "should_exit", True)
+    server.run()
+    return int(app.state.service.exit_code)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ live in a registry owned by this app, and every error leaves as ``{"error": {"co
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import threading
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -26,13 +29,37 @@ from service.images import ImageLimits
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.routes import router
+from service.segment_routes import router as segment_router
+from service.segments import load_mask_decoder
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
 EngineFactory = Callable[[Settings], AbstractAsyncContextManager[Engine]]
 
+WATCHDOG_INTERVAL_S = 1.0
+HARD_EXIT_AFTER_S = 15.0
 _HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
+
+
+async def _watch_engine(state: ServiceState, engine: Engine) -> None:
+    """Poll the engine's health; when it dies, exit non-zero so docker/kubernetes restart the process.
+
+    ``/readyz`` already answers 503 from the same health check. ``python -m service`` sets
+    ``state.request_exit`` (uvicorn's graceful stop, then it exits with ``state.exit_code``); a hard exit
+    is the backstop in case shutdown hangs on the dead engine. Apps embedded in tests only turn unready.
+    """
+    while True:
+        await asyncio.sleep(WATCHDOG_INTERVAL_S)
+        try:
+            await engine.check_health()
+        except EngineDeadError:
+            log.critical("the %s engine died; the process exits so its supervisor can restart it", engine.name)
+            state.exit_code = 1
+            if state.request_exit is not None:
+                threading.Timer(HARD_EXIT_AFTER_S, os._exit, args=(1,)).start()
+                state.request_exit()
+            return
 
 
 def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
@@ -40,15 +67,18 @@ def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI]
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.decode_pool = ThreadPoolExecutor(state.settings.decode_threads, thread_name_prefix="image-decode")
         try:
+            state.mask_decoder = await load_mask_decoder(state.settings)  # /segment; None when not configured
             async with factory(state.settings) as engine:
                 state.special_ids = SpecialIds.from_tokenizer(engine.tokenizer())  # type: ignore[arg-type]
                 state.metrics.watch_engine(engine.stats)
                 state.metrics.model_info.labels(engine.model_name, engine.name).set(1)
                 state.engine = engine
                 log.info("serving %s with the %s engine", engine.model_name, engine.name)
+                watchdog = asyncio.create_task(_watch_engine(state, engine), name="engine-watchdog")
                 try:
                     yield
                 finally:
+                    watchdog.cancel()
                     state.engine = None
                     state.metrics.unwatch_engine()
         finally:
@@ -93,7 +123,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _reply(request, 503, "engine_unavailable", "the model is unavailable", {"Retry-After": "5"})
 
     async def unknown_adapter(request: Request, exc: Exception) -> JSONResponse:
-        return _reply(request, 422, "unknown_adapter", "the requested adapter is not loaded")
+        return _reply(request, 400, "unknown_adapter", "the requested adapter is not loaded")
 
     async def engine_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("engine error (request %s): %s", request_id_of(request.scope), exc)
@@ -130,6 +160,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     )
     app.state.service = state
     app.include_router(router)
+    app.include_router(segment_router)  # /segment and the page at /
     _install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every status

@@ -6,6 +6,7 @@ the lifespan fills in ``engine``, and ``EngineDep`` answers 503 while there is n
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Annotated, cast
@@ -13,6 +14,7 @@ from typing import Annotated, cast
 from fastapi import Depends, Request
 
 from paligemma import SpecialIds
+from paligemma.segmentation import MaskDecoder
 from service.engine import Engine
 from service.errors import Unavailable
 from service.images import ImageLimits
@@ -31,6 +33,12 @@ class ServiceState:
     special_ids: SpecialIds | None = None
     """Where the tokenizer keeps its loc/seg tokens, read once when the engine is up."""
     decode_pool: ThreadPoolExecutor | None = None
+    mask_decoder: MaskDecoder | None = None
+    """big_vision's mask decoder for ``/segment``, loaded at startup when ``segmentation_weights`` is set."""
+    exit_code: int = 0
+    """Set to 1 when the engine died: ``python -m service`` exits with it."""
+    request_exit: Callable[[], None] | None = None
+    """Stops the server gracefully (set by ``python -m service``; None when embedded)."""
 
 
 def get_state(request: Request) -> ServiceState:

@@ -12,7 +12,9 @@ CVE-2026-22778) — details go to the log with the request id.
     ├── PayloadTooLarge          413 too_large, image_too_large
     ├── UnsupportedMediaType     415 unsupported_media_type, unsupported_image_format
     ├── ValidationFailed         422 validation_error, bad_prompt
-    └── Unavailable              503 not_ready, overloaded, engine_unavailable
+    ├── Unavailable              503 not_ready, overloaded, engine_unavailable
+    ├── DeadlineExceeded         504 deadline_exceeded
+    └── ClientClosedRequest      499 client_closed (logged only: nobody is left to read it)
 """
 
 from __future__ import annotations
@@ -79,6 +81,22 @@ class Unavailable(ServiceError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class DeadlineExceeded(ServiceError):
+    """The request ran past its deadline; the engine request was aborted."""
+
+    status = 504
+    default_code = "deadline_exceeded"
+    default_message = "the request did not finish before its deadline"
+
+
+class ClientClosedRequest(ServiceError):
+    """The client disconnected; the engine request was aborted (nginx's 499)."""
+
+    status = 499
+    default_code = "client_closed"
+    default_message = "the client closed the connection"
 
 
 def error_body(code: str, message: str, request_id: str | None) -> dict[str, dict[str, str]]:

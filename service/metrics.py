@@ -15,8 +15,11 @@ from collections.abc import Callable
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-ENDPOINTS = ("/detect", "/vqa", "/caption", "/ocr", "/healthz", "/readyz", "/metrics", "/docs", "/openapi.json")
-INFERENCE_ENDPOINTS = ("/detect", "/vqa", "/caption", "/ocr")
+ENDPOINTS = (
+    *("/detect", "/segment", "/vqa", "/caption", "/ocr", "/"),
+    *("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"),
+)
+INFERENCE_ENDPOINTS = ("/detect", "/segment", "/vqa", "/caption", "/ocr")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 DECODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
@@ -70,12 +73,20 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.aborted = Counter(
+            "paligemma_aborted_requests",
+            "Engine requests aborted before they finished, by reason (deadline_exceeded, client_closed)",
+            ["reason"],
+            registry=r,
+        )
         self.model_info = Gauge("paligemma_model_info", "The served model and engine", ["model", "engine"], registry=r)
         for endpoint in INFERENCE_ENDPOINTS:  # known series exist at 0 before the first request
             self.generated_tokens.labels(endpoint)
             self.prompt_tokens.labels(endpoint)
             self.requests.labels(endpoint, "200")
         self.detections_dropped.labels("no_label")
+        for reason in ("deadline_exceeded", "client_closed"):
+            self.aborted.labels(reason)
 
     def watch_engine(self, stats: Callable[[], dict[str, float]]) -> None:
         """Read the engine's queue depth and in-flight count at scrape time."""

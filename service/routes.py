@@ -16,10 +16,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from paligemma import prompts, score_from_logprobs
+from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png, from_response
+from service.cancellation import run_guarded
 from service.deps import EngineDep, ServiceState, StateDep
 from service.detections import build_detections
 from service.engine import Engine, Generation, GenerationRequest
-from service.errors import Unavailable, ValidationFailed
+from service.errors import ClientClosedRequest, DeadlineExceeded, Unavailable, ValidationFailed
 from service.intake import decode, read_request
 from service.middleware import request_id_of
 from service.schemas import (
@@ -41,6 +43,7 @@ from service.schemas import (
 )
 
 router = APIRouter()
+TIMEOUT_HEADER = "X-Request-Timeout"
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
@@ -74,17 +77,46 @@ def _max_new_tokens(state: ServiceState, requested: int | None) -> int:
 
 
 async def _generate(
-    request: Request, state: ServiceState, engine: Engine, image: Image, prefix: str, max_new_tokens: int
+    request: Request,
+    state: ServiceState,
+    engine: Engine,
+    image: Image,
+    prefix: str,
+    max_new_tokens: int,
+    adapter: str | None = None,
 ) -> Generation:
-    generation = await engine.generate(
-        GenerationRequest(
-            image=image, prefix=prefix, max_new_tokens=max_new_tokens, request_id=request_id_of(request.scope) or ""
-        )
+    """The engine call, aborted on client disconnect (499) or past the deadline (504)."""
+    job = GenerationRequest(
+        image=image,
+        prefix=prefix,
+        max_new_tokens=max_new_tokens,
+        adapter=adapter,
+        request_id=request_id_of(request.scope) or "",
     )
+    try:
+        generation = await run_guarded(request, engine.generate(job), _deadline_s(request, state))
+    except (DeadlineExceeded, ClientClosedRequest) as exc:
+        state.metrics.aborted.labels(exc.code).inc()
+        raise
     endpoint = request.url.path
     state.metrics.generated_tokens.labels(endpoint).inc(generation.completion_tokens)
     state.metrics.prompt_tokens.labels(endpoint).inc(generation.prompt_tokens)
     return generation
+
+
+def _deadline_s(request: Request, state: ServiceState) -> float:
+    """``request_timeout_s``, shortened (never lengthened) by an ``X-Request-Timeout: <seconds>`` header."""
+    limit = state.settings.request_timeout_s
+    header = request.headers.get(TIMEOUT_HEADER)
+    if header is None:
+        return limit
+    try:
+        asked = float(header)
+    except ValueError:
+        raise ValidationFailed(f"{TIMEOUT_HEADER}: must be a number of seconds") from None
+    if not 0 < asked < float("inf"):
+        raise ValidationFailed(f"{TIMEOUT_HEADER}: must be a positive number of seconds")
+    return min(asked, limit)
 
 
 def _usage(generation: Generation) -> Usage:
@@ -98,20 +130,25 @@ def _ms(start: float) -> float:
 @router.post(
     "/detect",
     response_model=DetectResponse,
-    responses=_ERRORS,
+    responses={**_ERRORS, **PNG_RESPONSE},
     openapi_extra=_body_docs(DetectParams, DetectJSON),
     summary="Boxes for the named objects",
     tags=["inference"],
 )
-async def detect(request: Request, state: StateDep, engine: EngineDep) -> DetectResponse:
-    """Detect objects; boxes in pixels of the uploaded image after EXIF rotation (x right, y down)."""
+async def detect(
+    request: Request, state: StateDep, engine: EngineDep, annotated: bool = ANNOTATED
+) -> DetectResponse | Response:
+    """Detect objects; boxes in pixels of the uploaded image after EXIF rotation (x right, y down).
+
+    With ``?annotated=true`` the answer is the image with the boxes drawn (PNG) instead of JSON.
+    """
     start = time.perf_counter()
     params, data = await read_request(request, DetectParams, state.limits)
     objects = prompts.split_objects(params.objects)
     prefix = prompts.detect(objects)
     max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
     image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
     if state.special_ids is None:
         raise Unavailable()
     detections, dropped = build_detections(
@@ -119,6 +156,8 @@ async def detect(request: Request, state: StateDep, engine: EngineDep) -> Detect
     )
     state.metrics.detections.observe(len(detections))
     state.metrics.detections_dropped.labels("no_label").inc(dropped)
+    if annotated:
+        return await annotated_png(image, from_response(detections))
     return DetectResponse(
         detections=detections,
         image=ImageInfo(width=image.width, height=image.height),
@@ -144,7 +183,7 @@ async def vqa(request: Request, state: StateDep, engine: EngineDep) -> VQARespon
     prefix = prompts.answer(params.question, params.lang)
     max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
     image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
     return VQAResponse(
         answer=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),
@@ -161,7 +200,7 @@ async def _text_task(
     start = time.perf_counter()
     max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
     image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
     return TextResponse(
         text=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),

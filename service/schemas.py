@@ -18,6 +18,9 @@ MaxNewTokens = Field(None, ge=1, description="Tokens to generate at most (defaul
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid")
     max_new_tokens: int | None = MaxNewTokens
+    adapter: str | None = Field(
+        None, max_length=200, description="LoRA adapter started with --lora NAME=PATH (vLLM engine); none = base model"
+    )
 
 
 class DetectParams(_Params):
@@ -197,3 +200,77 @@ class Status(BaseModel):
     status: str
     model: str | None = None
     engine: str | None = None
+
+
+# --- /segment (issue 8) -------------------------------------------------------------------------------------
+
+
+class SegmentParams(DetectParams):
+    """Fields of ``POST /segment`` besides the image."""
+
+    polygons: bool = Field(False, description="Also return each mask's outer boundaries as polygons")
+
+
+class SegmentJSON(SegmentParams, _JSONImage):
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"image": _PNG_1PX, "objects": ["cat"], "polygons": True}]}
+    )
+
+
+class RLE(BaseModel):
+    """COCO compressed RLE of the full-image mask: ``pycocotools.mask.decode`` gives it back (column-major)."""
+
+    size: list[int] = Field(description="[height, width] of the image", examples=[[40, 200]])
+    counts: str = Field(description="COCO compressed run-length string", examples=["`0a0Q1U2"])
+
+
+class Mask(BaseModel):
+    rle: RLE
+    area: int = Field(description="Pixels inside the mask")
+    polygons: list[list[int]] | None = Field(
+        None,
+        description="Only with polygons=true: outer boundaries of the mask's parts, each a flat "
+        "[x1, y1, x2, y2, ...] list of pixel coordinates (holes not represented; use rle when exactness matters)",
+    )
+
+
+class SegmentDetection(Detection):
+    mask: Mask | None = Field(
+        description="The mask pasted into the box, or null when the model's <seg> run was not 16 tokens "
+        "or the box is empty in whole pixels"
+    )
+
+
+class SegmentResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "detections": [
+                        {
+                            "label": "cat",
+                            "box": {"x1": 25.0, "y1": 10.0, "x2": 200.0, "y2": 40.0},
+                            "box_normalized": {"x1": 0.125, "y1": 0.25, "x2": 1.0, "y2": 1.0},
+                            "score": 0.91,
+                            "mask": {
+                                "rle": {"size": [40, 200], "counts": "Y:8`0O1O0O100O100O1N2M3N2N2O1O1O0O2N1O]6"},
+                                "area": 3412,
+                                "polygons": [[60, 10, 25, 24, 60, 39, 199, 39, 199, 10]],
+                            },
+                        }
+                    ],
+                    "image": {"width": 200, "height": 40},
+                    "model": "paligemma-3b-mix-224",
+                    "text": "<loc0256><loc0128><loc1023><loc1023>" + "<seg012>" * 16 + " cat",
+                    "usage": {"prompt_tokens": 262, "completion_tokens": 27},
+                    "latency_ms": 240.3,
+                }
+            ]
+        }
+    )
+    detections: list[SegmentDetection]
+    image: ImageInfo
+    model: str
+    text: str = _TEXT
+    usage: Usage
+    latency_ms: float

@@ -47,12 +47,46 @@ class Settings(BaseSettings):
     max_aspect_ratio: float = Field(20.0, ge=1.0, description="Longest side / shortest side")
     decode_threads: int = Field(2, ge=1, le=64, description="Threads that decode uploaded images")
 
+    request_timeout_s: float = Field(120.0, gt=0, description="Deadline per request; past it: 504, engine aborted")
+
+    # vLLM engine (names follow vLLM's AsyncEngineArgs; ignored by the transformers engine)
+    max_model_len: int | None = Field(None, ge=16, description="vLLM: longest prompt + output (default: model's)")
+    max_num_seqs: int = Field(32, ge=1, description="vLLM: most sequences decoded together")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: share of GPU memory to use")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per model replica (tensor parallel)")
+    data_parallel_size: int = Field(1, ge=1, description="vLLM: model replicas in this process (data parallel)")
+    enforce_eager: bool = Field(False, description="vLLM: no CUDA graphs / compilation (faster start)")
+    kv_cache_gib: float | None = Field(None, gt=0, description="vLLM: KV cache size in GiB (CPU: default 4)")
+    lora: list[str] = Field(
+        default_factory=list, description="vLLM: LoRA adapter as NAME=PATH, repeatable; requests pick it by name"
+    )
+    max_lora_rank: int = Field(16, ge=1, le=512, description="vLLM: largest adapter rank (raised to fit --lora)")
+
+    # Segmentation (issue 8): big_vision's mask decoder weights; without them /segment answers 503
+    segmentation_weights: Path | None = Field(
+        None, description="big_vision's vae-oid.npz (mask decoder for /segment); unset: /segment answers 503"
+    )
+
     @field_validator("model")
     @classmethod
     def _model_given(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("set --model or PALIGEMMA_MODEL to a checkpoint directory or hub id")
         return value.strip()
+
+    @field_validator("lora")
+    @classmethod
+    def _lora_pairs(cls, value: list[str]) -> list[str]:
+        for item in value:
+            name, sep, path = item.partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"--lora takes NAME=PATH, got {item!r}")
+        return value
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """``--lora`` entries as adapter name -> adapter directory."""
+        return {name.strip(): path.strip() for name, _, path in (i.partition("=") for i in self.lora)}
 
     @model_validator(mode="after")
     def _limits_consistent(self) -> Settings:

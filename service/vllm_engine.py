@@ -16,46 +16,30 @@ import logging
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 from service.engine import (
     EngineDeadError,
     EngineError,
+    FinishReason,
     Generation,
     GenerationRequest,
     UnknownAdapterError,
 )
+from service.settings import Settings
+
+VLLMDType = Literal["auto", "bfloat16", "float16", "float32"]
+LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class VLLMOptions:
-    """Engine arguments exposed as settings (names follow vLLM's ``AsyncEngineArgs``)."""
-
-    model: str
-    dtype: str = "auto"
-    """``auto`` = bfloat16 for PaliGemma 2 on a GPU (fp16 is unstable there), float32 on CPU."""
-    max_model_len: int | None = None
-    max_num_seqs: int = 32
-    gpu_memory_utilization: float = 0.9
-    tensor_parallel_size: int = 1
-    data_parallel_size: int = 1
-    enforce_eager: bool = False
-    kv_cache_gib: float | None = None
-    """KV cache size in GiB (the CPU backend's ``VLLM_CPU_KVCACHE_SPACE``); None = vLLM's default."""
-    loras: dict[str, str] = field(default_factory=dict)
-    """Adapter name -> PEFT adapter directory, served per request without merging."""
-    max_lora_rank: int = 16
-    seed: int = 0
-
-
-def resolve_dtype(options: VLLMOptions, on_gpu: bool, model_type: str | None) -> str:
-    """vLLM's fp16 guard misses PaliGemma 2 (top-level model_type is ``paligemma``): force bf16 there."""
-    if options.dtype != "auto":
-        return options.dtype
+def resolve_dtype(dtype: str, on_gpu: bool, model_type: str | None) -> VLLMDType:
+    """``auto``: float32 on CPU; on a GPU bfloat16 for PaliGemma 2, whose fp16 is unstable and which vLLM's
+    fp16 guard misses (the top-level model_type is ``paligemma``), else the checkpoint's dtype."""
+    if dtype != "auto":
+        return cast(VLLMDType, dtype)
     if not on_gpu:
         return "float32"
     return "bfloat16" if model_type == "gemma2" else "auto"
@@ -69,8 +53,9 @@ def _text_model_type(model: str) -> str | None:
     return getattr(text_config, "model_type", None)
 
 
-def _lora_rank_bucket(rank: int) -> int:
-    for bucket in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+def _lora_rank_bucket(rank: int) -> LoRARank:
+    buckets: tuple[LoRARank, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+    for bucket in buckets:
         if rank <= bucket:
             return bucket
     raise ValueError(f"LoRA rank {rank} is larger than vLLM supports (512)")
@@ -88,18 +73,17 @@ class VLLMEngine:
 
     name = "vllm"
 
-    def __init__(self, llm: Any, options: VLLMOptions, tokenizer: Any) -> None:
+    def __init__(self, llm: Any, settings: Settings, tokenizer: Any) -> None:
         from vllm.lora.request import LoRARequest
 
         self._llm = llm
-        self._options = options
         self._tokenizer = tokenizer
-        self.model_name = Path(options.model).name or options.model
+        self.model_name = settings.served_model_name
         self._loras = {
             name: LoRARequest(lora_name=name, lora_int_id=i, lora_path=path)
-            for i, (name, path) in enumerate(sorted(options.loras.items()), start=1)
+            for i, (name, path) in enumerate(sorted(settings.loras.items()), start=1)
         }
-        self._eos_ids = _eos_ids(tokenizer, options.model)
+        self._eos_ids = _eos_ids(tokenizer, settings.model)
         self._in_flight = 0
         self._generate_calls = 0
 
@@ -165,10 +149,12 @@ class VLLMEngine:
         while ids and ids[-1] in self._eos_ids:
             ids.pop()
         logprobs = logprobs[: len(ids)]
-        reason = completion.finish_reason if completion.finish_reason in ("stop", "length") else "abort"
+        reason: FinishReason = "stop" if completion.finish_reason == "stop" else "length"
+        if completion.finish_reason not in ("stop", "length"):
+            reason = "abort"
         return Generation(
             token_ids=tuple(ids),
-            text=self._tokenizer.decode(ids, skip_special_tokens=False),
+            text=self._tokenizer.decode(ids, skip_special_tokens=True),
             logprobs=tuple(logprobs),
             finish_reason=reason,
             prompt_tokens=len(final.prompt_token_ids or ()),
@@ -196,8 +182,8 @@ def _eos_ids(tokenizer: Any, model: str) -> set[int]:
 
 
 @asynccontextmanager
-async def open_vllm_engine(options: VLLMOptions) -> AsyncIterator[VLLMEngine]:
-    """Start ``AsyncLLM`` for ``options``; shut it down on exit (call from the app's lifespan)."""
+async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
+    """Start ``AsyncLLM`` for ``settings``; shut it down on exit (called from the app's lifespan)."""
     import torch
     from transformers import AutoTokenizer
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -205,29 +191,30 @@ async def open_vllm_engine(options: VLLMOptions) -> AsyncIterator[VLLMEngine]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     on_gpu = torch.cuda.is_available()
-    dtype = resolve_dtype(options, on_gpu, _text_model_type(options.model))
-    ranks = [_adapter_rank(p) for p in options.loras.values()]
+    dtype = resolve_dtype(settings.dtype, on_gpu, _text_model_type(settings.model))
+    loras = settings.loras
+    ranks = [_adapter_rank(path) for path in loras.values()]
     args = AsyncEngineArgs(
-        model=options.model,
+        model=settings.model,
+        served_model_name=settings.served_model_name,
         dtype=dtype,
-        max_model_len=options.max_model_len,
-        max_num_seqs=options.max_num_seqs,
-        gpu_memory_utilization=options.gpu_memory_utilization,
-        tensor_parallel_size=options.tensor_parallel_size,
-        data_parallel_size=options.data_parallel_size,
-        enforce_eager=options.enforce_eager,
+        max_model_len=settings.max_model_len,  # type: ignore[arg-type]  # None = the model's own
+        max_num_seqs=settings.max_num_seqs,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        data_parallel_size=settings.data_parallel_size,
+        enforce_eager=settings.enforce_eager,
         limit_mm_per_prompt={"image": 1},
-        kv_cache_memory_bytes=int(options.kv_cache_gib * 2**30) if options.kv_cache_gib else None,
-        enable_lora=bool(options.loras),
-        max_lora_rank=_lora_rank_bucket(max(ranks, default=options.max_lora_rank)),
-        max_loras=max(1, len(options.loras)),
-        seed=options.seed,
+        kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None,
+        enable_lora=bool(loras),
+        max_lora_rank=_lora_rank_bucket(max([settings.max_lora_rank, *ranks])),
+        max_loras=max(1, len(loras)),
         disable_log_stats=False,
     )
-    logger.info("starting vLLM (%s, dtype=%s, gpu=%s, adapters=%s)", options.model, dtype, on_gpu, list(options.loras))
+    logger.info("starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s", settings.model, dtype, on_gpu, sorted(loras))
     llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
     try:
         await llm.reset_mm_cache()
-        yield VLLMEngine(llm, options, AutoTokenizer.from_pretrained(options.model))
+        yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
     finally:
         llm.shutdown()

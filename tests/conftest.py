@@ -27,3 +27,11 @@ def varied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from paligemma.checkpoint import TinyConfig, build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("varied"), seed=0, cfg=TinyConfig(init_std=0.3))
+
+
+@pytest.fixture(scope="session")
+def shapes_checkpoint() -> Path:
+    """The tiny shape trained ~20 s on synthetic shapes (tests/shapes_model.py, cached): emits real boxes."""
+    from tests.shapes_model import cached_shapes_model
+
+    return cached_shapes_model()

@@ -63,19 +63,30 @@ def engine_loop() -> Iterator[LoopThread]:
     loop.close()
 
 
+def vllm_settings(checkpoint: Path, adapter: Path, **overrides: Any) -> Any:
+    """Settings for the vLLM engine on the tiny checkpoint: small, eager, 1 GiB of KV cache."""
+    from service.settings import Settings
+
+    values: dict[str, Any] = {
+        "model": str(checkpoint),
+        "engine": "vllm",
+        "max_model_len": 512,
+        "max_num_seqs": 16,
+        "enforce_eager": True,
+        "kv_cache_gib": 1,
+        "lora": [f"shapes={adapter}"],
+        "max_new_tokens": 8,
+        "max_new_tokens_limit": 400,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
 @pytest.fixture(scope="module")
 def vllm_engine(engine_loop: LoopThread, varied_checkpoint: Path, lora_adapter: Path) -> Iterator[Any]:
-    from service.vllm_engine import VLLMOptions, open_vllm_engine
+    from service.vllm_engine import open_vllm_engine
 
-    options = VLLMOptions(
-        model=str(varied_checkpoint),
-        max_model_len=512,
-        max_num_seqs=16,
-        enforce_eager=True,
-        kv_cache_gib=1,
-        loras={"shapes": str(lora_adapter)},
-    )
-    manager = open_vllm_engine(options)
+    manager = open_vllm_engine(vllm_settings(varied_checkpoint, lora_adapter))
     engine = engine_loop.run(manager.__aenter__())
     yield engine
     engine_loop.run(manager.__aexit__(None, None, None))

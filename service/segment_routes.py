@@ -1,0 +1,112 @@
+"""``POST /segment`` (boxes + COCO RLE masks, or an annotated PNG) and ``GET /`` (the static page).
+
+``/segment`` is ``/detect`` with the ``segment`` prefix: same fields (plus ``polygons``), same boxes,
+labels and scores, and per detection a ``mask`` decoded from the model's 16 ``<seg>`` tokens by the mask
+decoder loaded at startup (:mod:`service.segments`). Any engine works: the masks are made here from the
+generated token ids.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import FileResponse, HTMLResponse
+
+from paligemma import prompts
+from paligemma.segmentation import MaskDecoder
+from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png
+from service.deps import EngineDep, StateDep, get_state
+from service.errors import Unavailable
+from service.intake import decode, read_request
+from service.routes import _ERRORS, _body_docs, _generate, _max_new_tokens, _ms, _usage
+from service.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
+from service.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
+
+STATIC = Path(__file__).resolve().parent / "static"
+
+router = APIRouter()
+
+
+def get_mask_decoder(request: Request) -> MaskDecoder:
+    """The decoder loaded at startup, or 503 ``segmentation_not_configured`` (before the body is read)."""
+    decoder = get_state(request).mask_decoder
+    if decoder is None:
+        raise SegmentationNotConfigured()
+    return decoder
+
+
+DecoderDep = Annotated[MaskDecoder, Depends(get_mask_decoder)]
+_SEGMENT_ERRORS = {
+    **_ERRORS,
+    503: {
+        **_ERRORS[503],
+        "description": "Model not ready, overloaded or unavailable; or `segmentation_not_configured`: the server "
+        "was started without the mask decoder weights (--segmentation-weights / PALIGEMMA_SEGMENTATION_WEIGHTS)",
+    },
+}
+
+
+@router.post(
+    "/segment",
+    response_model=SegmentResponse,
+    responses={**_SEGMENT_ERRORS, **PNG_RESPONSE},
+    openapi_extra=_body_docs(SegmentParams, SegmentJSON),
+    summary="Boxes and masks for the named objects",
+    tags=["inference"],
+)
+async def segment(
+    request: Request, state: StateDep, engine: EngineDep, decoder: DecoderDep, annotated: bool = ANNOTATED
+) -> SegmentResponse | Response:
+    """Segment objects: ``/detect``'s boxes, labels and scores, plus per detection a ``mask``.
+
+    ``mask.rle`` is COCO compressed RLE of the whole image (``pycocotools.mask.decode`` reads it),
+    ``mask.area`` its pixel count, and with ``polygons=true`` ``mask.polygons`` the outer boundaries.
+    ``mask`` is null when the model did not emit exactly 16 ``<seg>`` tokens for that object.
+    ``max_new_tokens`` defaults to enough for one mask per object (22 tokens each), within the server limit.
+    """
+    start = time.perf_counter()
+    params, data = await read_request(request, SegmentParams, state.limits)
+    objects = prompts.split_objects(params.objects)
+    prefix = prompts.segment(objects)
+    settings = state.settings
+    if params.max_new_tokens is not None:
+        max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    else:
+        max_new_tokens = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
+    image = await decode(state, data)
+    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    if state.special_ids is None:
+        raise Unavailable()
+    detections, parsed, dropped = await asyncio.to_thread(
+        build_segments,
+        generation,
+        image.width,
+        image.height,
+        objects,
+        state.special_ids,
+        engine.tokenizer(),
+        decoder,
+        polygons=params.polygons,
+    )
+    state.metrics.detections.observe(len(detections))
+    state.metrics.detections_dropped.labels("no_label").inc(dropped)
+    if annotated:
+        return await annotated_png(image, parsed)
+    return SegmentResponse(
+        detections=detections,
+        image=ImageInfo(width=image.width, height=image.height),
+        model=engine.model_name,
+        text=generation.text,
+        usage=_usage(generation),
+        latency_ms=_ms(start),
+    )
+
+
+@router.get("/", response_class=HTMLResponse, summary="The page to try the model in a browser", tags=["page"])
+async def page() -> FileResponse:
+    """Pick an image, type objects, see boxes and masks drawn over it (no build step, no external assets)."""
+    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")
