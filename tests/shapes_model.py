@@ -80,22 +80,39 @@ def cached_shapes_model() -> Path:
     return cache
 
 
-def training_image(index: int) -> tuple[bytes, list[str]]:
-    """PNG bytes of training image ``index`` and the names of the shapes on it."""
+def training_image(index: int) -> tuple[bytes, list[tuple[str, tuple[int, int, int, int]]]]:
+    """PNG bytes of training image ``index`` and its shapes as ``(name, (x1, y1, x2, y2))``."""
     from finetune.synth import render
 
     image, shapes = render(SEED, index)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
-    return buffer.getvalue(), sorted({shape.kind for shape in shapes})
+    return buffer.getvalue(), [(shape.kind, shape.box) for shape in shapes]
 
 
-def find_detection(detect: Callable[[bytes, str], dict[str, Any]], tries: int = 16) -> tuple[bytes, str]:
-    """The first training image and object name for which ``detect(png, name)`` (a /detect answer) has a
-    detection; ``AssertionError`` if none of the first ``tries`` images gives one."""
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def find_detection(detect: Callable[[bytes, str], dict[str, Any]], tries: int = 8) -> tuple[bytes, str]:
+    """A training image and object name for which ``detect(png, name)`` (a /detect answer) has a detection,
+    preferring one that is right (label as asked, IoU >= 0.5 with a shape of that name), else the one
+    overlapping its shape best; ``AssertionError`` if none of the first ``tries`` images gives a box."""
+    best: tuple[bytes, str] | None = None
+    best_iou = -1.0
     for index in range(tries):
-        png, names = training_image(index)
-        for name in names:
-            if detect(png, name)["detections"]:
-                return png, name
-    raise AssertionError(f"the shapes model detected nothing on its first {tries} training images")
+        png, shapes = training_image(index)
+        for name in sorted({kind for kind, _ in shapes}):
+            for det in detect(png, name)["detections"]:
+                box = tuple(det["box"][k] for k in ("x1", "y1", "x2", "y2"))
+                truth = [_iou(box, b) for kind, b in shapes if kind == name == det["label"]]
+                if max(truth, default=0.0) > best_iou:
+                    best, best_iou = (png, name), max(truth, default=0.0)
+            if best is not None and best_iou >= 0.5:
+                return best
+    if best is None:
+        raise AssertionError(f"the shapes model detected nothing on its first {tries} training images")
+    return best

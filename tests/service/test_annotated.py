@@ -82,9 +82,8 @@ def test_annotated_segment_draws_masks(weights: Path, tiny_checkpoint: Path) -> 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
     ids = tuple(tokenizer(ANSWER, add_special_tokens=False).input_ids)
     generation = Generation(ids, tokenizer.decode(ids), (-0.05,) * len(ids), "stop")
-    _, parsed, _ = build_segments(
-        generation, 160, 120, ["cat", "dog"], SpecialIds.from_tokenizer(tokenizer), tokenizer, MaskDecoder.from_npz(weights)
-    )
+    special, decoder = SpecialIds.from_tokenizer(tokenizer), MaskDecoder.from_npz(weights)
+    _, parsed, _ = build_segments(generation, 160, 120, ["cat", "dog"], special, tokenizer, decoder)
     image = Image.new("RGB", (160, 120), (128, 128, 128))
     response = asyncio.run(annotated_png(image, parsed))
     drawn = np.asarray(Image.open(io.BytesIO(bytes(response.body))).convert("RGB"))
