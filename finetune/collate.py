@@ -1,0 +1,85 @@
+"""Batches for prefix-LM training, built by ``PaliGemmaProcessor(..., suffix=...)`` (the maestro contract).
+
+The processor builds ``<image>*N <bos> prefix \\n suffix <eos>`` with ``token_type_ids`` 0 on image + prefix
+and 1 on suffix + eos, and ``labels`` = input ids with -100 wherever the type is 0. Two things are ours:
+
+- padding goes on the **right** for training: PaliGemma's position ids ignore the attention mask, so left
+  padding would shift every position of a short example (the processor's default is left, for generation);
+- padding positions are forced to -100 in ``labels`` whatever their type id, so the loss never sees them.
+
+``token_type_ids`` stay in the batch: the model builds the bidirectional prefix block from them.
+``truncation="only_second"`` means only the suffix is ever cut, never the image tokens or the prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from finetune.data import Example
+from paligemma.tokens import IMAGE_TOKEN
+
+
+class ExampleDataset(Dataset[dict[str, Any]]):
+    """Examples with their images decoded on access (decoded images are cached: synthetic sets are small)."""
+
+    def __init__(self, examples: Sequence[Example], cache_images: bool = True) -> None:
+        self.examples = list(examples)
+        self.cache_images = cache_images
+        self._cache: dict[str, Image.Image] = {}
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def image(self, path: Any) -> Image.Image:
+        key = str(path)
+        if key in self._cache:
+            return self._cache[key]
+        with Image.open(key) as im:
+            image = im.convert("RGB")
+        if self.cache_images:
+            self._cache[key] = image
+        return image
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        return {"image": self.image(ex.image), "prefix": ex.prefix, "suffix": ex.suffix}
+
+
+@dataclass
+class PaliGemmaCollator:
+    """``list[{"image", "prefix", "suffix"}]`` -> model inputs with ``labels`` (loss on suffix + eos only)."""
+
+    processor: Any
+    max_length: int = 256
+    dtype: torch.dtype | None = None
+    """Cast ``pixel_values`` to this dtype (bf16 training)."""
+
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokenizer = self.processor.tokenizer
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "right"
+        try:
+            inputs = self.processor(
+                text=[IMAGE_TOKEN + item["prefix"] for item in batch],
+                images=[item["image"] for item in batch],
+                suffix=[item["suffix"] for item in batch],
+                return_tensors="pt",
+                padding="longest",
+                truncation="only_second",
+                max_length=self.max_length,
+            )
+        finally:
+            tokenizer.padding_side = side
+        labels = inputs["labels"].clone()
+        labels[inputs["attention_mask"] == 0] = -100
+        out = {k: v for k, v in inputs.items() if k != "labels"}
+        out["labels"] = labels
+        if self.dtype is not None:
+            out["pixel_values"] = out["pixel_values"].to(self.dtype)
+        return out

@@ -1,0 +1,292 @@
+"""Dataclass configs for every finetune command, and the CLI derived from them.
+
+One source of truth (the litgpt pattern): each field's type, default and attribute docstring become the
+``--flag``, its default and its ``--help`` text, so the CLI and the Python API cannot drift apart.
+``__post_init__`` errors name the CLI flag, because that is what a user typed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+Method = Literal["lora", "qlora", "full"]
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def flag(name: str) -> str:
+    """``max_minutes`` -> ``--max-minutes`` (for error messages)."""
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class DataConfig:
+    """Where training examples come from and how detection records become prompts."""
+
+    coco: tuple[str, ...] = ()
+    """COCO detection annotation files (repeatable); images are looked up under --coco-images."""
+    coco_images: str | None = None
+    """Image folder for --coco files; default: the folder holding each annotation file."""
+    jsonl: tuple[str, ...] = ()
+    """big_vision-style JSONL files with {"image", "prefix", "suffix"} lines (repeatable)."""
+    vqa: tuple[str, ...] = ()
+    """VQA JSONL files with {"image", "question", "answer" or "answers"} lines (repeatable)."""
+    absent_per_image: int = 1
+    """Absent classes sampled per detection image, each a 'detect <class>' prompt with an empty target."""
+    loc_stride: int = 1
+    """Round box loc indices to multiples of this (1 = exact; >1 helps tiny from-scratch models, see data.py)."""
+    synonyms: tuple[str, ...] = ()
+    """Label synonyms as RAW=CANONICAL (e.g. 'sq=square'); applied before prompts are built."""
+    on_error: Literal["skip", "fail"] = "skip"
+    """Bad records: 'skip' logs each with file and line and goes on; 'fail' stops at the first."""
+
+    def __post_init__(self) -> None:
+        if self.absent_per_image < 0:
+            raise ValueError(f"{flag('absent_per_image')} must be >= 0, got {self.absent_per_image}")
+        if not 1 <= self.loc_stride <= 64:
+            raise ValueError(f"{flag('loc_stride')} must be between 1 and 64, got {self.loc_stride}")
+        for pair in self.synonyms:
+            if "=" not in pair or not all(part.strip() for part in pair.split("=", 1)):
+                raise ValueError(f"{flag('synonyms')} entries look like RAW=CANONICAL, got {pair!r}")
+
+    @property
+    def synonym_map(self) -> dict[str, str]:
+        return dict(tuple(p.strip() for p in pair.split("=", 1)) for pair in self.synonyms)  # type: ignore[misc]
+
+
+@dataclass
+class TrainConfig(DataConfig):
+    """Training run: model, method, optimiser and budget. Data fields come from :class:`DataConfig`."""
+
+    base: str = ""
+    """Base model directory (hub layout, e.g. from `python -m finetune tiny`)."""
+    out: str = ""
+    """Output directory: checkpoints, adapter/ or model/, train_config.json, learning_curve.json."""
+    method: Method = "lora"
+    """lora (peft), qlora (4-bit base, CUDA only) or full (every unfrozen weight)."""
+    lora_r: int = 16
+    """LoRA rank."""
+    lora_alpha: int = 32
+    """LoRA scaling numerator (scale = alpha / r)."""
+    lora_dropout: float = 0.05
+    """Dropout on the LoRA branch."""
+    lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    """Linear layers of the language model that get LoRA (the vision tower's q/k/v are left alone)."""
+    freeze_vision: bool = False
+    """Freeze the SigLIP vision tower (method full; LoRA never touches it)."""
+    freeze_projector: bool = False
+    """Freeze the multi-modal projector (method full; LoRA never touches it)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    scheduler: str = "constant_with_warmup"
+    """transformers lr scheduler name (constant_with_warmup, cosine, linear, ...)."""
+    batch_size: int = 8
+    """Examples per device per step."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: use --epochs)."""
+    epochs: float = 1.0
+    """Passes over the data when --max-steps is -1."""
+    max_minutes: float | None = None
+    """Wall-clock training budget; training stops cleanly (and saves) when it is spent."""
+    max_length: int = 256
+    """Longest tokenized example; only the suffix is ever truncated."""
+    logging_steps: int = 10
+    """Log (and record on the learning curve) every N steps."""
+    save_steps: int = 500
+    """Trainer checkpoint every N steps (for --resume)."""
+    save_total_limit: int = 2
+    """Trainer checkpoints kept."""
+    resume: bool = False
+    """Resume from the newest checkpoint-N in --out."""
+    seed: int = 0
+    """Seed for sampling, shuffling and initialising LoRA."""
+    threads: int | None = None
+    """torch CPU threads (None: torch's default)."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on CPU."""
+    gradient_checkpointing: bool | None = None
+    """None: on for GPU, off on CPU (where memory is not the limit)."""
+    snapshot_minutes: tuple[float, ...] = ()
+    """Also save the model at these training minutes (for a held-out learning curve)."""
+    workers: int = 0
+    """DataLoader worker processes."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.base:
+            raise ValueError(f"{flag('base')} is required: a base model directory")
+        if not self.out:
+            raise ValueError(f"{flag('out')} is required: an output directory")
+        if not (self.coco or self.jsonl or self.vqa):
+            raise ValueError(f"no training data: give {flag('coco')}, {flag('jsonl')} or {flag('vqa')}")
+        if self.method not in ("lora", "qlora", "full"):
+            raise ValueError(f"{flag('method')} must be lora, qlora or full, got {self.method!r}")
+        for name in ("batch_size", "grad_accum", "lora_r", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"{flag('lr')} must be positive, got {self.lr}")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise ValueError(f"{flag('max_minutes')} must be positive, got {self.max_minutes}")
+        if self.max_steps == -1 and self.epochs <= 0:
+            raise ValueError(f"give {flag('max_steps')} or a positive {flag('epochs')}")
+
+
+@dataclass
+class MergeConfig:
+    """Adapter (or full run) -> one hub-layout checkpoint directory that vLLM and transformers load."""
+
+    run: str = ""
+    """Training output directory (holding train_config.json), or an adapter directory."""
+    out: str = ""
+    """Merged checkpoint directory."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    """Weights dtype of the merged checkpoint."""
+    base: str | None = None
+    """Override the base model recorded in the adapter (e.g. after moving it)."""
+    force: bool = False
+    """Merge again even if --out already holds this merge."""
+
+    def __post_init__(self) -> None:
+        if not self.run:
+            raise ValueError(f"{flag('run')} is required: a training output or adapter directory")
+        if not self.out:
+            raise ValueError(f"{flag('out')} is required: where to write the merged checkpoint")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluate a model on held-out detection and/or VQA data through a service engine."""
+
+    model: str = ""
+    """Model directory (hub layout, e.g. a merged checkpoint)."""
+    out: str = ""
+    """Report directory: report.json, predictions.json, pictures/."""
+    coco: str | None = None
+    """COCO annotation file of the held-out detection set."""
+    coco_images: str | None = None
+    """Image folder for --coco (default: the annotation file's folder)."""
+    vqa: str | None = None
+    """VQA JSONL of the held-out set."""
+    engine: Literal["transformers", "vllm"] = "transformers"
+    """Which service engine generates."""
+    classes: tuple[str, ...] = ()
+    """Classes to prompt for on every image (default: all categories of --coco)."""
+    limit: int | None = None
+    """Use only the first N images / questions."""
+    pictures: int = 8
+    """Comparison pictures (ground truth green, predictions blue) for the first N images."""
+    max_new_tokens: int = 64
+    """Generation limit per detection prompt (VQA uses 16)."""
+    concurrency: int = 64
+    """Requests in flight at once (the engine batches them)."""
+    device: str = "auto"
+    """Device for the transformers engine (auto, cpu, cuda)."""
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError(f"{flag('model')} is required: a model directory")
+        if not self.out:
+            raise ValueError(f"{flag('out')} is required: a report directory")
+        if not (self.coco or self.vqa):
+            raise ValueError(f"nothing to evaluate: give {flag('coco')} and/or {flag('vqa')}")
+        if self.concurrency < 1:
+            raise ValueError(f"{flag('concurrency')} must be >= 1")
+
+
+C = TypeVar("C")
+
+
+def _attribute_docs(cls: type) -> dict[str, str]:
+    """Attribute docstrings (the string right after ``name: type = default``) of a class and its bases."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+        for node, nxt in zip(body, body[1:], strict=False):
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0], True
+    return tp, False
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per dataclass field, typed, with the attribute docstring as help."""
+    docs = _attribute_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        tp, _ = _strip_optional(hints[f.name])
+        default = f.default if f.default is not dataclasses.MISSING else None
+        kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "default": default, "dest": f.name}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif get_origin(tp) is tuple:
+            kwargs.update(action="append", type=get_args(tp)[0], default=None)
+            kwargs["help"] += f" (default: {' '.join(map(str, default)) or 'none'})"
+        elif get_origin(tp) is Literal:
+            kwargs.update(choices=get_args(tp))
+        else:
+            kwargs["type"] = tp
+        parser.add_argument(flag(f.name), **kwargs)
+
+
+def from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
+    """Build the config from parsed flags; unset repeatable flags keep the dataclass default."""
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = getattr(args, f.name, None)
+        if value is None:
+            continue
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    values.update(overrides)
+    return cls(**values)
+
+
+def to_json(cfg: Any) -> dict[str, Any]:
+    """JSON-friendly dict of a config (tuples as lists, paths as strings)."""
+    out: dict[str, Any] = {}
+    for key, value in dataclasses.asdict(cfg).items():
+        out[key] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
+    return out
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "DataConfig",
+    "EvalConfig",
+    "MergeConfig",
+    "Method",
+    "TrainConfig",
+    "add_arguments",
+    "field",
+    "flag",
+    "from_args",
+    "to_json",
+]

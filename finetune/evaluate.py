@@ -1,0 +1,202 @@
+"""``evaluate(engine, ...)``: batched generation through a service :class:`~service.engine.Engine`, scores,
+a JSON report and comparison pictures.
+
+Generation goes through the same engines the HTTP service uses (transformers or vLLM), so what is scored is
+what is served. All requests are submitted at once (``concurrency`` in flight) and the engine batches them.
+
+Detection: every image is asked ``detect <class>`` once per class (the dataset's classes, or ``classes``);
+each parsed box is counted as the *prompted* class, scored by the geometric mean of its token
+probabilities (``paligemma.parsing``), then COCO mAP is computed by pycocotools (:mod:`finetune.metrics`).
+VQA: ``answer en <question>``, normalised exact match / VQAv2 accuracy.
+
+Report directory: ``report.json`` (numbers), ``predictions.json`` (every box and answer) and
+``pictures/NNN.png``: one column per model on the image, ground truth green in the first column,
+predictions blue with label and score (:func:`comparison_picture`, extendable with more columns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from finetune.data import Box, DetectionImage, DetectionSet, VQARecord
+from finetune.metrics import coco_map, vqa_accuracy
+from paligemma import prompts
+from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_side
+from paligemma.parsing import parse_detection_token_ids
+from paligemma.tokens import SpecialIds
+from service.engine import Engine, GenerationRequest
+
+log = logging.getLogger(__name__)
+VQA_MAX_NEW_TOKENS = 16
+PICTURE_SIDE = 336
+"""Pictures are drawn on the image scaled to this short side, so 112-px images stay readable."""
+
+
+def _load(path: Path) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+async def _bounded(engine: Engine, request: GenerationRequest, gate: asyncio.Semaphore) -> Any:
+    async with gate:
+        return await engine.generate(request)
+
+
+async def predict_detections(
+    engine: Engine,
+    dataset: DetectionSet,
+    classes: Sequence[str] | None = None,
+    *,
+    max_new_tokens: int = 64,
+    concurrency: int = 64,
+) -> dict[int, list[Box]]:
+    """Boxes per image id: one ``detect <class>`` request per image and class."""
+    classes = list(classes or dataset.classes)
+    tokenizer: Any = engine.tokenizer()
+    special = SpecialIds.from_tokenizer(tokenizer)
+    gate = asyncio.Semaphore(concurrency)
+    jobs: list[tuple[DetectionImage, str, Image.Image]] = []
+    for image in dataset.images:
+        pixels = _load(image.path)
+        jobs += [(image, name, pixels) for name in classes]
+    requests = [GenerationRequest(pix, prompts.detect([name]), max_new_tokens) for _, name, pix in jobs]
+    generations = await asyncio.gather(*(_bounded(engine, r, gate) for r in requests))
+    out: dict[int, list[Box]] = {image.image_id: [] for image in dataset.images}
+    for (image, name, _), gen in zip(jobs, generations, strict=True):
+        found = parse_detection_token_ids(
+            gen.token_ids,
+            image.width,
+            image.height,
+            special=special,
+            decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
+            logprobs=gen.logprobs or None,
+        )
+        out[image.image_id] += [Box(name, det.box, 1.0 if det.score is None else det.score) for det in found]
+    return out
+
+
+async def predict_answers(engine: Engine, records: Sequence[VQARecord], *, concurrency: int = 64) -> list[str]:
+    """Greedy answers to ``answer en <question>``, in the order of ``records``."""
+    gate = asyncio.Semaphore(concurrency)
+    images = {path: _load(path) for path in dict.fromkeys(r.image for r in records)}
+    requests = [GenerationRequest(images[r.image], prompts.answer(r.question), VQA_MAX_NEW_TOKENS) for r in records]
+    generations = await asyncio.gather(*(_bounded(engine, r, gate) for r in requests))
+    return [" ".join(g.text.replace("<eos>", " ").split()) for g in generations]
+
+
+def _scaled(boxes: Sequence[Box], factor: float) -> list[Box]:
+    return [Box(b.label, tuple(v * factor for v in b.box), b.score) for b in boxes]  # type: ignore[arg-type]
+
+
+def comparison_picture(
+    image: Image.Image, ground_truth: Sequence[Box], columns: Sequence[tuple[str, Sequence[Box]]]
+) -> Image.Image:
+    """Ground truth (green) then one panel per ``(title, predictions)`` column (blue, label and score)."""
+    factor = max(1.0, PICTURE_SIDE / min(image.size))
+    big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
+    panels = [draw_detections(big, _scaled(ground_truth, factor), color=GROUND_TRUTH, show_score=False)]
+    panels += [draw_detections(big, _scaled(boxes, factor), color=PREDICTION) for _, boxes in columns]
+    return side_by_side(panels, titles=["ground truth", *(title for title, _ in columns)])
+
+
+def write_pictures(
+    dataset: DetectionSet, columns: Sequence[tuple[str, dict[int, list[Box]]]], out: Path, count: int
+) -> list[str]:
+    """``count`` comparison pictures (first images of ``dataset``) under ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(dataset.images[:count]):
+        cols = [(title, preds.get(image.image_id, [])) for title, preds in columns]
+        path = out / f"{i:03d}.png"
+        comparison_picture(_load(image.path), image.objects, cols).save(path)
+        paths.append(str(path))
+    return paths
+
+
+async def evaluate(
+    engine: Engine,
+    *,
+    detection: DetectionSet | None = None,
+    vqa: Sequence[VQARecord] | None = None,
+    out: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    pictures: int = 8,
+    max_new_tokens: int = 64,
+    concurrency: int = 64,
+) -> dict[str, Any]:
+    """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures."""
+    start = time.monotonic()
+    report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name}
+    records: dict[str, Any] = {}
+    if detection is not None:
+        preds = await predict_detections(
+            engine, detection, classes, max_new_tokens=max_new_tokens, concurrency=concurrency
+        )
+        report["detection"] = {"images": len(detection.images), "classes": list(classes or detection.classes)}
+        report["detection"].update(coco_map(detection, preds))
+        records["detection"] = {str(k): [asdict(b) for b in v] for k, v in preds.items()}
+        log.info("detection: mAP %.3f, mAP@0.5 %.3f", report["detection"]["map"], report["detection"]["map_50"])
+    if vqa:
+        answers = await predict_answers(engine, vqa, concurrency=concurrency)
+        report["vqa"] = vqa_accuracy(answers, vqa)
+        records["vqa"] = [
+            {"image": str(r.image), "question": r.question, "prediction": a, "answers": list(r.answers)}
+            for r, a in zip(vqa, answers, strict=True)
+        ]
+        log.info("vqa: accuracy %.3f on %d questions", report["vqa"]["accuracy"], len(vqa))
+    report["seconds"] = round(time.monotonic() - start, 1)
+    if out is not None:
+        folder = Path(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        if detection is not None and pictures > 0:
+            columns = [(f"prediction ({engine.model_name})", preds)]
+            report["pictures"] = write_pictures(detection, columns, folder / "pictures", pictures)
+        (folder / "predictions.json").write_text(json.dumps(records) + "\n")
+        (folder / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+@contextlib.asynccontextmanager
+async def open_engine(
+    model: str | Path, kind: str = "transformers", *, device: str = "auto", max_batch_size: int = 64
+) -> AsyncIterator[Engine]:
+    """One of the service's engines over ``model``, closed on exit (``kind``: transformers or vllm)."""
+    import torch
+
+    if kind == "vllm":
+        from service.vllm_engine import VLLMOptions, open_vllm_engine
+
+        kv = None if torch.cuda.is_available() else 1.0  # GiB; the CPU default (4) is more than tests need
+        options = VLLMOptions(model=str(model), max_num_seqs=max_batch_size, enforce_eager=True, kv_cache_gib=kv)
+        async with open_vllm_engine(options) as vllm_engine:
+            yield vllm_engine
+        return
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    from service.hf_engine import HFEngine, resolve_device_dtype
+
+    torch_device, dtype = resolve_device_dtype(device, "auto")
+    loaded = PaliGemmaForConditionalGeneration.from_pretrained(str(model), dtype=dtype)
+    processor = PaliGemmaProcessor.from_pretrained(str(model))
+    engine = HFEngine(
+        loaded.to(torch_device).eval(),
+        processor,
+        model_name=Path(model).name,
+        max_batch_size=max_batch_size,
+        max_queue_size=100_000,  # evaluate() bounds what is in flight itself
+    )
+    engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.aclose()

@@ -1,0 +1,229 @@
+"""``train(cfg)``: LoRA, QLoRA or full finetuning of PaliGemma with the transformers ``Trainer``.
+
+The Trainer (not a hand-written loop) gives checkpoints, resume, the progress bar, bf16 autocast, gradient
+checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this
+module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.collate`), the method (peft LoRA on
+the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a wall-clock budget, a
+learning curve and snapshots at fixed training minutes. Output layout of ``cfg.out``::
+
+    train_config.json      the config, with the resolved base model path (merge reads it)
+    learning_curve.json    {"step", "seconds", "loss", ...} every --logging-steps
+    train_result.json      {"steps", "seconds"} of the finished run
+    checkpoint-N/          Trainer checkpoints (resume)
+    adapter/               lora/qlora: adapter + adapter_config.json (base_model_name_or_path) + processor
+    model/                 full: the whole model in the hub layout (paligemma.checkpoint.save_checkpoint)
+    snapshots/minute-X/    --snapshot-minutes: the model (full) or adapter at that training minute
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    PaliGemmaForConditionalGeneration,
+    PaliGemmaProcessor,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer_utils import get_last_checkpoint
+
+from finetune.collate import ExampleDataset, PaliGemmaCollator
+from finetune.config import TrainConfig, flag, to_json
+from finetune.data import Example, detection_examples, load_coco, load_jsonl, load_vqa, vqa_examples
+from paligemma.checkpoint import save_checkpoint
+
+log = logging.getLogger(__name__)
+LANGUAGE_MODEL_PATTERN = r".*language_model.*\.({})$"
+"""LoRA targets match only inside the language model: SigLIP also has ``q_proj``/``k_proj``/``v_proj``."""
+
+
+def build_examples(cfg: TrainConfig) -> list[Example]:
+    """All training examples: detection prompts from COCO files, JSONL examples and VQA questions."""
+    examples: list[Example] = []
+    for i, path in enumerate(cfg.coco):
+        dataset = load_coco(path, cfg.coco_images, synonyms=cfg.synonym_map, on_error=cfg.on_error)
+        examples += detection_examples(dataset, cfg.absent_per_image, seed=cfg.seed + i, loc_stride=cfg.loc_stride)
+        log.info("%s: %d images, classes %s, %d skipped", path, len(dataset.images), dataset.classes, len(dataset.issues))
+    for path in cfg.jsonl:
+        examples += load_jsonl(path, on_error=cfg.on_error)
+    for path in cfg.vqa:
+        examples += vqa_examples(load_vqa(path, on_error=cfg.on_error))
+    if not examples:
+        raise ValueError("the training data holds no usable example (see the skipped-record warnings)")
+    return examples
+
+
+def _precision(cfg: TrainConfig) -> str:
+    if cfg.precision != "auto":
+        return cfg.precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """Base model (4-bit for qlora) with the method applied, and its processor."""
+    processor = PaliGemmaProcessor.from_pretrained(cfg.base)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if cfg.method == "qlora":
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"{flag('method')} qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full here")
+        from transformers import BitsAndBytesConfig
+
+        kwargs = {
+            "dtype": torch.bfloat16,
+            "quantization_config": BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
+            ),
+            "device_map": {"": torch.cuda.current_device()},
+        }
+    elif cfg.method == "lora" and _precision(cfg) == "bf16":
+        kwargs["dtype"] = torch.bfloat16  # the frozen base in bf16; LoRA weights stay fp32
+    base = str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base  # recorded in the adapter
+    model = PaliGemmaForConditionalGeneration.from_pretrained(base, **kwargs)
+    if cfg.method == "full":
+        for part, frozen in (("vision_tower", cfg.freeze_vision), ("multi_modal_projector", cfg.freeze_projector)):
+            for param in getattr(model.model, part).parameters():
+                param.requires_grad_(not frozen)
+        return model, processor
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=LANGUAGE_MODEL_PATTERN.format("|".join(cfg.lora_targets)),
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    return model, processor
+
+
+def _checkpointing(cfg: TrainConfig) -> bool:
+    return cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else torch.cuda.is_available()
+
+
+class Budget(TrainerCallback):
+    """Stops training once ``minutes`` of training time have passed (the run then saves as usual)."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.minutes = minutes
+        self.start = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.minutes is not None and time.monotonic() - self.start >= self.minutes * 60:
+            log.info("training budget of %.1f min spent at step %d", self.minutes, state.global_step)
+            control.should_training_stop = True
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+class Curve(TrainerCallback):
+    """Writes every logged loss with its step and training seconds to ``learning_curve.json``."""
+
+    def __init__(self, path: Path, budget: Budget) -> None:
+        self.path, self.budget, self.points = path, budget, []  # type: ignore[var-annotated]
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any) -> None:
+        if logs and "loss" in logs and state.is_world_process_zero:
+            point = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
+            point.update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate", "epoch") if k in logs})
+            self.points.append(point)
+            self.path.write_text(json.dumps(self.points, indent=1) + "\n")
+
+
+class Snapshots(TrainerCallback):
+    """Saves the model (full) or adapter at given training minutes, for a held-out learning curve."""
+
+    def __init__(self, out: Path, minutes: tuple[float, ...], budget: Budget, processor: Any) -> None:
+        self.out, self.marks, self.budget, self.processor = out, sorted(minutes), budget, processor
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.marks and self.budget.elapsed() >= self.marks[0] * 60 and state.is_world_process_zero:
+            minute = self.marks.pop(0)
+            path = self.out / f"minute-{minute:g}"
+            save_trained(kw["model"], self.processor, path)
+            info = {"minute": minute, "step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
+            (path / "snapshot.json").write_text(json.dumps(info) + "\n")
+
+
+def save_trained(model: Any, processor: Any, out: Path) -> Path:
+    """Adapter (peft model) or the full model in the hub layout, plus the processor."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
+    return save_checkpoint(model, processor, out)
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns the adapter/ (lora, qlora) or model/ (full) directory."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
+    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    examples = build_examples(cfg)
+    model, processor = load_model(cfg)
+    precision = _precision(cfg)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.scheduler,
+        max_steps=cfg.max_steps,
+        num_train_epochs=cfg.epochs,
+        logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        bf16=precision == "bf16",
+        gradient_checkpointing=_checkpointing(cfg),
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        remove_unused_columns=False,
+        label_names=["labels"],
+        dataloader_num_workers=cfg.workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+    )
+    budget = Budget(cfg.max_minutes)
+    callbacks: list[TrainerCallback] = [budget, Curve(out / "learning_curve.json", budget)]
+    if cfg.snapshot_minutes:
+        callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_minutes, budget, processor))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ExampleDataset(examples),
+        data_collator=PaliGemmaCollator(processor, cfg.max_length),
+        callbacks=callbacks,
+    )
+    resume = get_last_checkpoint(str(out)) if cfg.resume else None
+    if cfg.resume and resume is None:
+        log.warning("%s: no checkpoint-N in %s, starting from scratch", flag("resume"), out)
+    log.info("training %s on %d examples (%s, %s)", cfg.method, len(examples), precision, trainer.args.device)
+    trainer.train(resume_from_checkpoint=resume)
+    final = out / ("model" if cfg.method == "full" else "adapter")
+    if trainer.is_world_process_zero():
+        save_trained(trainer.model, processor, final)
+        (final / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+        result = {"steps": trainer.state.global_step, "seconds": round(budget.elapsed(), 1)}
+        (out / "train_result.json").write_text(json.dumps(result) + "\n")
+        log.info("saved %s after %d steps, %.0f s", final, trainer.state.global_step, budget.elapsed())
+    return final
