@@ -1,11 +1,34 @@
-"""``python -m finetune <command>``: the command-line face of the finetune package."""
+"""``python -m finetune <command>``: the command-line face of the finetune package.
+
+Commands: ``tiny`` (a tiny random PaliGemma), ``synth`` (synthetic shapes data), ``train``, ``merge``,
+``eval`` and ``demo`` (the CPU quality benchmark). Each command's flags are generated from its dataclass
+config in :mod:`finetune.config` (or :class:`finetune.demo.DemoConfig`), so ``--help`` shows the same
+documentation as the Python API.
+"""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypeVar
+
+from finetune.config import EvalConfig, MergeConfig, TrainConfig, add_arguments
+from finetune.config import from_args as _from_args
+
+log = logging.getLogger("finetune")
+C = TypeVar("C")
+
+
+def from_args(cls: type[C], args: argparse.Namespace) -> C:
+    """The config from the flags; its validation errors (which name the flag) end the program cleanly."""
+    try:
+        return _from_args(cls, args)
+    except ValueError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _tiny(args: argparse.Namespace) -> None:
@@ -13,11 +36,69 @@ def _tiny(args: argparse.Namespace) -> None:
 
     cfg = TinyConfig(image_size=args.image_size, init_std=args.init_std)
     out = build_tiny_checkpoint(args.out, seed=args.seed, cfg=cfg)
-    logging.info("wrote a tiny random PaliGemma to %s", out)
+    log.info("wrote a tiny random PaliGemma to %s", out)
+
+
+def _synth(args: argparse.Namespace) -> None:
+    from finetune.synth import generate
+
+    out = generate(args.out, args.n, seed=args.seed, size=args.size, shapes=tuple(args.shapes.split(",")))
+    log.info("wrote %d synthetic images to %s (annotations.json, vqa.jsonl, images/)", args.n, out)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from finetune.train import train
+
+    log.info("trained: %s", train(from_args(TrainConfig, args)))
+
+
+def _merge(args: argparse.Namespace) -> None:
+    from finetune.merge import merge
+
+    log.info("merged checkpoint: %s", merge(from_args(MergeConfig, args)))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    cfg = from_args(EvalConfig, args)
+    report = asyncio.run(run_eval(cfg))
+    log.info("report: %s", json.dumps({k: v for k, v in report.items() if k != "pictures"}))
+
+
+async def run_eval(cfg: EvalConfig) -> dict[str, object]:
+    """Load the held-out data, open the chosen engine on ``cfg.model`` and evaluate (``eval`` command)."""
+    from finetune.data import load_coco, load_vqa
+    from finetune.evaluate import evaluate, open_engine
+
+    detection = load_coco(cfg.coco, cfg.coco_images) if cfg.coco else None
+    vqa = load_vqa(cfg.vqa) if cfg.vqa else None
+    if cfg.limit is not None:
+        if detection is not None:
+            detection.images = detection.images[: cfg.limit]
+        vqa = vqa[: cfg.limit] if vqa else vqa
+    async with open_engine(cfg.model, cfg.engine, device=cfg.device) as engine:
+        return await evaluate(
+            engine,
+            detection=detection,
+            vqa=vqa,
+            out=cfg.out,
+            classes=cfg.classes or None,
+            classes_per_prompt=cfg.classes_per_prompt,
+            pictures=cfg.pictures,
+            max_new_tokens=cfg.max_new_tokens,
+            concurrency=cfg.concurrency,
+        )
+
+
+def _demo(args: argparse.Namespace) -> None:
+    from finetune.demo import DemoConfig, run_demo
+
+    report = run_demo(from_args(DemoConfig, args))
+    if report:
+        log.info("held-out: %s", json.dumps(report.get("heldout", {}).get("detection", {})))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
 
     tiny = commands.add_parser("tiny", help="write a tiny random PaliGemma that transformers and vLLM load")
@@ -26,6 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--image-size", type=int, default=112, help="square input side in pixels (patch 14)")
     tiny.add_argument("--init-std", type=float, default=None, help="std of random weights (default 0.02)")
     tiny.set_defaults(func=_tiny)
+
+    synth = commands.add_parser("synth", help="synthetic shapes: COCO annotations.json + vqa.jsonl + images/")
+    synth.add_argument("--out", type=Path, required=True, help="output directory")
+    synth.add_argument("--n", type=int, required=True, help="number of images")
+    synth.add_argument("--seed", type=int, default=0, help="dataset seed (use another one for held-out data)")
+    synth.add_argument("--size", type=int, default=112, help="square image side in pixels")
+    synth.add_argument(
+        "--shapes", default="circle,square,triangle", help="comma-separated, from circle,square,triangle,diamond"
+    )
+    synth.set_defaults(func=_synth)
+
+    train = commands.add_parser("train", help="LoRA / QLoRA / full finetuning with the transformers Trainer")
+    add_arguments(train, TrainConfig)
+    train.set_defaults(func=_train)
+
+    merge = commands.add_parser("merge", help="adapter -> merged hub-layout checkpoint (idempotent)")
+    add_arguments(merge, MergeConfig)
+    merge.set_defaults(func=_merge)
+
+    evaluate = commands.add_parser("eval", help="mAP / VQA accuracy through a service engine, report + pictures")
+    add_arguments(evaluate, EvalConfig)
+    evaluate.set_defaults(func=_eval)
+
+    from finetune.demo import DemoConfig
+
+    demo = commands.add_parser("demo", help="the CPU quality benchmark: build, train, evaluate the demo model")
+    add_arguments(demo, DemoConfig)
+    demo.set_defaults(func=_demo)
     return parser
 
 

@@ -14,7 +14,7 @@ import inspect
 import textwrap
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
@@ -41,6 +41,8 @@ class DataConfig:
     """VQA JSONL files with {"image", "question", "answer" or "answers"} lines (repeatable)."""
     absent_per_image: int = 1
     """Absent classes sampled per detection image, each a 'detect <class>' prompt with an empty target."""
+    prompt_style: Literal["multi", "per_class"] = "multi"
+    """multi: one 'detect a ; b' prompt per image (present + absent classes); per_class: one per class."""
     loc_stride: int = 1
     """Round box loc indices to multiples of this (1 = exact; >1 helps tiny from-scratch models, see data.py)."""
     synonyms: tuple[str, ...] = ()
@@ -186,6 +188,8 @@ class EvalConfig:
     """Which service engine generates."""
     classes: tuple[str, ...] = ()
     """Classes to prompt for on every image (default: all categories of --coco)."""
+    classes_per_prompt: int = 0
+    """Classes asked per detect prompt (0: all in one prompt, as trained with --prompt-style multi)."""
     limit: int | None = None
     """Use only the first N images / questions."""
     pictures: int = 8
@@ -221,9 +225,9 @@ def _attribute_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in zip(body, body[1:], strict=False):
-            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
-                if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
+            named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+            if named and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
     return docs
 
 
@@ -285,7 +289,6 @@ __all__ = [
     "Method",
     "TrainConfig",
     "add_arguments",
-    "field",
     "flag",
     "from_args",
     "to_json",

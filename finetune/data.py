@@ -5,20 +5,23 @@ the image, empty label, broken JSON, missing field) becomes a :class:`DataIssue`
 line (JSONL) or the JSON path (COCO). With ``on_error="skip"`` it is logged and skipped, with ``"fail"`` a
 :class:`DataError` stops loading at the first one.
 
-Detection targets use the PaliGemma codec (``paligemma.tokens.encode_detections``). How detection images
-become prompts (:func:`detection_examples`):
+Detection targets use the PaliGemma codec (``<locY1><locX1><locY2><locX2> label``, objects joined by
+``" ; "``). How a detection image becomes prompts (:func:`detection_examples`), ``prompt_style``:
 
-- one ``detect <class>`` prompt per class present in the image; the target lists that class's boxes in
-  reading order (top to bottom, then left to right), ``"<loc..>x4 class ; <loc..>x4 class"``;
-- plus ``absent_per_image`` classes sampled from the dataset's classes that are *not* in the image, with an
-  empty target: the suffix is just ``<eos>`` (the processor appends it), so the model learns to say nothing;
-- ``loc_stride`` > 1 rounds every loc index to a multiple of the stride (still real ``<locNNNN>`` tokens).
-  A model trained from scratch spreads its first box token over many neighbouring bins, so under greedy
-  decoding the single ``<eos>`` token ("absent") can win although the object is clearly there; coarser bins
-  concentrate that mass. Stride 16 costs at most 8 bins (0.9 px on a 112-px image). Keep 1 for real
-  checkpoints, which were pretrained on exact bins;
-- labels are lower-cased with single spaces and mapped through ``synonyms`` (raw -> canonical) first, so
-  ``"Sq"`` and ``"square"`` train one class.
+- ``"multi"`` (default, big_vision's way): one ``detect a ; b ; c`` prompt per image listing the classes
+  present plus ``absent_per_image`` sampled absent classes, in random order. The target lists every object
+  of the listed classes in reading order (top to bottom, then left to right), each followed by its label, so
+  the absent classes simply never appear: the model learns to say nothing for them.
+- ``"per_class"``: one ``detect <class>`` prompt per class present (its boxes in reading order) plus
+  ``absent_per_image`` prompts for absent classes whose target is empty: the suffix is then just ``<eos>``
+  (the processor appends it). Beware with small models trained from scratch: under greedy decoding the
+  single ``<eos>`` token competes with a box's first token, which is spread over many neighbouring bins,
+  so ``<eos>`` ("absent") can win although the object is clearly there.
+- ``loc_stride`` > 1 rounds every loc index to a multiple of the stride (still real ``<locNNNN>`` tokens),
+  which concentrates a small model's probability on fewer bins. Stride 16 moves a coordinate by at most 8
+  bins (0.9 px on a 112-px image). Keep 1 for real checkpoints, which were pretrained on exact bins.
+- Labels are lower-cased with single spaces and mapped through ``synonyms`` (raw -> canonical) when the data
+  is loaded, so ``"Sq"`` and ``"square"`` are one class in prompts, targets and evaluation.
 """
 
 from __future__ import annotations
@@ -231,7 +234,7 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *, on_erro
         elif not isinstance(prefix, str) or not prefix.strip():
             issues.add(path, where, "empty or missing prefix")
         elif not isinstance(suffix, str):
-            issues.add(path, where, "suffix must be a string (use \"\" for an empty target)")
+            issues.add(path, where, 'suffix must be a string (use "" for an empty target)')
         else:
             out.append(Example(image, prefix.strip(), suffix.strip()))
     return out
@@ -271,31 +274,41 @@ def _loc(value: float, side: float, stride: int) -> str:
     return LOC_TOKENS[min(round(index / stride) * stride, LOC_MAX)]
 
 
-def detection_target(image: DetectionImage, label: str, loc_stride: int = 1) -> str:
-    """Suffix for ``detect <label>``: its boxes in reading order, or ``""`` when the class is absent.
+def detection_target(image: DetectionImage, labels: Sequence[str], loc_stride: int = 1) -> str:
+    """Suffix for ``detect <labels>``: their boxes in reading order, or ``""`` when none is in the image.
 
-    ``"<locY1><locX1><locY2><locX2> label ; ..."`` exactly as ``paligemma.tokens.encode_detections`` writes it
-    when ``loc_stride`` is 1.
+    ``"<locY1><locX1><locY2><locX2> label ; ..."``, exactly as ``paligemma.tokens.encode_detections`` writes
+    it when ``loc_stride`` is 1.
     """
     w, h, s = image.width, image.height, loc_stride
     parts = []
-    for o in reading_order(o for o in image.objects if o.label == label):
+    for o in reading_order(o for o in image.objects if o.label in labels):
         x1, y1, x2, y2 = o.box
         parts.append(f"{_loc(y1, h, s)}{_loc(x1, w, s)}{_loc(y2, h, s)}{_loc(x2, w, s)} {o.label}")
     return " ; ".join(parts)
 
 
 def detection_examples(
-    dataset: DetectionSet, absent_per_image: int = 1, seed: int = 0, loc_stride: int = 1
+    dataset: DetectionSet,
+    absent_per_image: int = 1,
+    seed: int = 0,
+    loc_stride: int = 1,
+    prompt_style: Literal["multi", "per_class"] = "multi",
 ) -> list[Example]:
-    """Prompts for every present class plus ``absent_per_image`` sampled absent classes per image."""
+    """Prompts for the classes present plus ``absent_per_image`` sampled absent classes (module docstring)."""
     rng = random.Random(seed)
     out: list[Example] = []
     for image in dataset.images:
         present = list(dict.fromkeys(o.label for o in image.objects))
         absent = [c for c in dataset.classes if c not in present]
         chosen = present + rng.sample(absent, min(absent_per_image, len(absent)))
-        out.extend(Example(image.path, prompts.detect([c]), detection_target(image, c, loc_stride)) for c in chosen)
+        if prompt_style == "per_class":
+            groups = [[c] for c in chosen]
+        else:
+            rng.shuffle(chosen)
+            groups = [chosen[i : i + prompts.MAX_OBJECTS] for i in range(0, len(chosen), prompts.MAX_OBJECTS)]
+        for group in groups:
+            out.append(Example(image.path, prompts.detect(group), detection_target(image, group, loc_stride)))
     return out
 
 

@@ -32,7 +32,12 @@ PRESETS: dict[str, TinyConfig] = {
     "tiny": TinyConfig(),
     "small": TinyConfig(vision_layers=4, vision_hidden=192, vision_heads=3, text_layers=4),
     "medium": TinyConfig(
-        vision_layers=4, vision_hidden=256, vision_heads=4, text_layers=4, text_hidden=256, text_heads=4,
+        vision_layers=4,
+        vision_hidden=256,
+        vision_heads=4,
+        text_layers=4,
+        text_hidden=256,
+        text_heads=4,
         intermediate=512,
     ),
     "fine": TinyConfig(patch_size=8),
@@ -50,9 +55,9 @@ class DemoConfig:
     """report.json, learning_curve.json/.png, pictures/."""
     work: str = "artifacts/demo-work"
     """Base model, synthetic data, training checkpoints and snapshots."""
-    preset: Literal["tiny", "small", "medium", "fine"] = "small"
+    preset: Literal["tiny", "small", "medium", "fine"] = "tiny"
     """Model shape (see finetune.demo.PRESETS)."""
-    train_images: int = 10000
+    train_images: int = 6000
     """Synthetic training images (seed --train-seed)."""
     heldout_images: int = 200
     """Held-out images (seed --heldout-seed), never seen in training."""
@@ -60,7 +65,7 @@ class DemoConfig:
     """Seed of the training set."""
     heldout_seed: int = 2
     """Seed of the held-out set."""
-    max_steps: int = 2000
+    max_steps: int = 3000
     """Optimiser steps (sized to fit --max-minutes on a quiet 2-core machine)."""
     max_minutes: float = 10.0
     """Wall-clock cap on training; a slower or busier machine stops early."""
@@ -70,7 +75,7 @@ class DemoConfig:
     """Examples per step."""
     lr: float = 1e-3
     """Peak learning rate (AdamW)."""
-    scheduler: str = "cosine"
+    scheduler: str = "constant_with_warmup"
     """Learning-rate schedule over --max-steps."""
     warmup_steps: int = 50
     """Linear warm-up steps."""
@@ -111,7 +116,9 @@ def _dataset(path: Path, n: int, seed: int) -> Path:
     return path
 
 
-async def _score(model: Path, detection: DetectionSet, vqa: list[Any], out: Path | None, pictures: int) -> dict[str, Any]:
+async def _score(
+    model: Path, detection: DetectionSet, vqa: list[Any], out: Path | None, pictures: int
+) -> dict[str, Any]:
     """Held-out scores of one model directory through the service's transformers engine."""
     from finetune.evaluate import evaluate, open_engine
 
@@ -143,12 +150,25 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     started = time.monotonic()
     train(
         TrainConfig(
-            base=str(base), out=str(run), method="full", coco=(str(train_dir / "annotations.json"),),
-            vqa=(str(train_dir / "vqa.jsonl"),), absent_per_image=cfg.absent_per_image, lr=cfg.lr,
+            base=str(base),
+            out=str(run),
+            method="full",
+            coco=(str(train_dir / "annotations.json"),),
+            vqa=(str(train_dir / "vqa.jsonl"),),
+            absent_per_image=cfg.absent_per_image,
+            lr=cfg.lr,
             loc_stride=cfg.loc_stride,
-            scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps, batch_size=cfg.batch_size,
-            max_steps=cfg.max_steps, max_minutes=cfg.max_minutes, threads=cfg.threads, seed=cfg.seed,
-            logging_steps=10, save_steps=10**9, precision="fp32", snapshot_minutes=cfg.curve_minutes,
+            scheduler=cfg.scheduler,
+            warmup_steps=cfg.warmup_steps,
+            batch_size=cfg.batch_size,
+            max_steps=cfg.max_steps,
+            max_minutes=cfg.max_minutes,
+            threads=cfg.threads,
+            seed=cfg.seed,
+            logging_steps=10,
+            save_steps=10**9,
+            precision="fp32",
+            snapshot_minutes=cfg.curve_minutes,
         )
     )
     train_seconds = time.monotonic() - started
@@ -205,6 +225,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         title=f"{cfg.preset} PaliGemma from scratch, {cfg.threads} threads, batch {cfg.batch_size}",
     )
     (report_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    log.info("demo: mAP@0.5 %.3f, mAP %.3f, VQA %.3f after %d steps", final["detection"]["map_50"],
-             final["detection"]["map"], final["vqa"]["accuracy"], steps)
+    log.info(
+        "demo: mAP@0.5 %.3f, mAP %.3f, VQA %.3f after %d steps",
+        final["detection"]["map_50"],
+        final["detection"]["map"],
+        final["vqa"]["accuracy"],
+        steps,
+    )
     return report

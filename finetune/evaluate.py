@@ -4,9 +4,12 @@ a JSON report and comparison pictures.
 Generation goes through the same engines the HTTP service uses (transformers or vLLM), so what is scored is
 what is served. All requests are submitted at once (``concurrency`` in flight) and the engine batches them.
 
-Detection: every image is asked ``detect <class>`` once per class (the dataset's classes, or ``classes``);
-each parsed box is counted as the *prompted* class, scored by the geometric mean of its token
-probabilities (``paligemma.parsing``), then COCO mAP is computed by pycocotools (:mod:`finetune.metrics`).
+Detection: every image is asked ``detect a ; b ; c`` for the dataset's classes (or ``classes``), in groups
+of ``classes_per_prompt`` (0: all in one prompt, as trained with ``prompt_style="multi"``; 1: one prompt
+per class). A parsed box keeps its own label when that label was asked for; a box without a label counts
+as the asked class when only one was asked; anything else is dropped. Each box is scored by the geometric
+mean of its token probabilities (``paligemma.parsing``); COCO mAP comes from pycocotools
+(:mod:`finetune.metrics`).
 VQA: ``answer en <question>``, normalised exact match / VQAv2 accuracy.
 
 Report directory: ``report.json`` (numbers), ``predictions.json`` (every box and answer) and
@@ -57,22 +60,25 @@ async def predict_detections(
     dataset: DetectionSet,
     classes: Sequence[str] | None = None,
     *,
+    classes_per_prompt: int = 0,
     max_new_tokens: int = 64,
     concurrency: int = 64,
 ) -> dict[int, list[Box]]:
-    """Boxes per image id: one ``detect <class>`` request per image and class."""
-    classes = list(classes or dataset.classes)
+    """Boxes per image id: one ``detect ...`` request per image and group of classes."""
+    names = list(classes or dataset.classes)
+    size = classes_per_prompt if classes_per_prompt > 0 else prompts.MAX_OBJECTS
+    groups = [names[i : i + size] for i in range(0, len(names), size)]
     tokenizer: Any = engine.tokenizer()
     special = SpecialIds.from_tokenizer(tokenizer)
     gate = asyncio.Semaphore(concurrency)
-    jobs: list[tuple[DetectionImage, str, Image.Image]] = []
+    jobs: list[tuple[DetectionImage, list[str], Image.Image]] = []
     for image in dataset.images:
         pixels = _load(image.path)
-        jobs += [(image, name, pixels) for name in classes]
-    requests = [GenerationRequest(pix, prompts.detect([name]), max_new_tokens) for _, name, pix in jobs]
+        jobs += [(image, group, pixels) for group in groups]
+    requests = [GenerationRequest(pix, prompts.detect(group), max_new_tokens) for _, group, pix in jobs]
     generations = await asyncio.gather(*(_bounded(engine, r, gate) for r in requests))
     out: dict[int, list[Box]] = {image.image_id: [] for image in dataset.images}
-    for (image, name, _), gen in zip(jobs, generations, strict=True):
+    for (image, group, _), gen in zip(jobs, generations, strict=True):
         found = parse_detection_token_ids(
             gen.token_ids,
             image.width,
@@ -81,7 +87,10 @@ async def predict_detections(
             decode=lambda ids: tokenizer.decode(ids, skip_special_tokens=False),
             logprobs=gen.logprobs or None,
         )
-        out[image.image_id] += [Box(name, det.box, 1.0 if det.score is None else det.score) for det in found]
+        for det in found:
+            label = det.label if det.label in group else group[0] if det.label is None and len(group) == 1 else None
+            if label is not None:
+                out[image.image_id].append(Box(label, det.box, 1.0 if det.score is None else det.score))
     return out
 
 
@@ -130,6 +139,7 @@ async def evaluate(
     vqa: Sequence[VQARecord] | None = None,
     out: str | Path | None = None,
     classes: Sequence[str] | None = None,
+    classes_per_prompt: int = 0,
     pictures: int = 8,
     max_new_tokens: int = 64,
     concurrency: int = 64,
@@ -140,7 +150,12 @@ async def evaluate(
     records: dict[str, Any] = {}
     if detection is not None:
         preds = await predict_detections(
-            engine, detection, classes, max_new_tokens=max_new_tokens, concurrency=concurrency
+            engine,
+            detection,
+            classes,
+            classes_per_prompt=classes_per_prompt,
+            max_new_tokens=max_new_tokens,
+            concurrency=concurrency,
         )
         report["detection"] = {"images": len(detection.images), "classes": list(classes or detection.classes)}
         report["detection"].update(coco_map(detection, preds))

@@ -42,7 +42,7 @@ def resolve_source(run: Path) -> tuple[str, Path, dict[str, Any]]:
             return "lora", path, _train_config(path, run)
         if (path / "model.safetensors").is_file() and (path / "config.json").is_file():
             return "full", path, _train_config(path, run)
-    raise FileNotFoundError(f"{flag('run')} {run}: no adapter_config.json or model.safetensors in it, adapter/ or model/")
+    raise FileNotFoundError(f"{flag('run')} {run}: no adapter_config.json or model.safetensors in it or below")
 
 
 def _train_config(path: Path, run: Path) -> dict[str, Any]:

@@ -24,7 +24,8 @@ import numpy as np
 
 from finetune.data import Box, DetectionSet, VQARecord
 
-_NUMBERS = {w: str(i) for i, w in enumerate("zero one two three four five six seven eight nine ten".split())}
+_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
+_NUMBERS = {w: str(i) for i, w in enumerate(_WORDS)}
 _ARTICLES = {"a", "an", "the"}
 _PUNCT = re.compile(r"[^\w\s]")
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -51,17 +52,13 @@ def _background(rng: random.Random, width: int, height: int) -> Image.Image:
         grey = rng.randint(25, 120)
         return tuple(min(255, max(0, grey + rng.randint(-18, 18))) for _ in range(3))  # type: ignore[return-value]
 
-    a, b = muted(), muted()
+    a, b = np.array(muted(), dtype=np.float32), np.array(muted(), dtype=np.float32)
     vertical = rng.random() < 0.5
-    steps = height if vertical else width
-    ramp = Image.new("RGB", (1, steps) if vertical else (steps, 1))
-    for i in range(steps):
-        t = i / max(steps - 1, 1)
-        colour = tuple(round(a[c] * (1 - t) + b[c] * t) for c in range(3))
-        ramp.putpixel((0, i) if vertical else (i, 0), colour)  # type: ignore[arg-type]
-    image = ramp.resize((width, height))
-    noise = Image.effect_noise((width, height), rng.uniform(2, 10)).convert("RGB")
-    return Image.blend(image, noise, 0.08)
+    steps = np.linspace(0.0, 1.0, height if vertical else width, dtype=np.float32)
+    ramp = a + (b - a) * steps[:, None]  # (steps, 3)
+    pixels = np.broadcast_to(ramp[:, None, :] if vertical else ramp[None, :, :], (height, width, 3))
+    noise = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(1.0, 6.0), (height, width, 1))
+    return Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8))  # seeded noise: reproducible
 
 
 def _place(rng: random.Random, width: int, height: int, count: int) -> list[tuple[int, int, int, int]]:
@@ -96,7 +93,9 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         raise ValueError(f"unknown shape {shape.kind!r}; known: {', '.join(SHAPES)}")
 
 
-def render(seed: int, index: int, size: int = 112, shapes: tuple[str, ...] = DEFAULT_SHAPES) -> tuple[Image.Image, list[Shape]]:
+def render(
+    seed: int, index: int, size: int = 112, shapes: tuple[str, ...] = DEFAULT_SHAPES
+) -> tuple[Image.Image, list[Shape]]:
     """Image ``index`` of the dataset with ``seed``: the picture and its shapes."""
     rng = random.Random(f"{seed}:{index}")
     image = _background(rng, size, size)

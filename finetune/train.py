@@ -50,8 +50,11 @@ def build_examples(cfg: TrainConfig) -> list[Example]:
     examples: list[Example] = []
     for i, path in enumerate(cfg.coco):
         dataset = load_coco(path, cfg.coco_images, synonyms=cfg.synonym_map, on_error=cfg.on_error)
-        examples += detection_examples(dataset, cfg.absent_per_image, seed=cfg.seed + i, loc_stride=cfg.loc_stride)
-        log.info("%s: %d images, classes %s, %d skipped", path, len(dataset.images), dataset.classes, len(dataset.issues))
+        examples += detection_examples(
+            dataset, cfg.absent_per_image, seed=cfg.seed + i, loc_stride=cfg.loc_stride, prompt_style=cfg.prompt_style
+        )
+        skipped = len(dataset.issues)
+        log.info("%s: %d images, classes %s, %d skipped", path, len(dataset.images), dataset.classes, skipped)
     for path in cfg.jsonl:
         examples += load_jsonl(path, on_error=cfg.on_error)
     for path in cfg.vqa:
