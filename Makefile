@@ -16,10 +16,14 @@ setup: $(STAMP)
 tiny: setup  ## a tiny random PaliGemma in artifacts/tiny
 	$(PY) -m finetune tiny --out artifacts/tiny
 
-serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the tiny random model in artifacts/tiny
+.PHONY: demo-model
+demo-model: setup  ## the CPU benchmark: train the demo model into artifacts/demo-model (+ demo-report), once
+	@test -f artifacts/demo-model/model.safetensors || $(PY) -m finetune demo
+
+serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the demo model (make demo-model, cached)
 	@if [ -z "$$PALIGEMMA_MODEL" ]; then \
-		test -f artifacts/tiny/config.json || $(PY) -m finetune tiny --out artifacts/tiny; \
-		exec $(PY) -m service --model artifacts/tiny --engine transformers --port 8000; \
+		$(MAKE) --no-print-directory demo-model || exit 1; \
+		exec $(PY) -m service --model artifacts/demo-model --engine transformers --port 8000; \
 	else \
 		exec $(PY) -m service --port 8000; \
 	fi
