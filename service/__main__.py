@@ -42,9 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
+    from service.drain import SHUTDOWN_GRACE_S, DrainingServer
 
     app = create_app(settings)
-    server = uvicorn.Server(
+    server = DrainingServer(  # SIGTERM: drain admitted requests, then exit 0 (service/drain.py)
         uvicorn.Config(
             app,
             host=settings.host,
@@ -52,7 +53,10 @@ def main(argv: list[str] | None = None) -> int:
             workers=1,
             log_level=settings.log_level,
             proxy_headers=False,
-        )
+            timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+        ),
+        admission=app.state.service.admission,
+        drain_timeout_s=settings.drain_timeout_s,
     )
     app.state.service.request_exit = lambda: setattr(server, "should_exit", True)
     server.run()

@@ -19,8 +19,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from paligemma import PromptError, SpecialIds
+from service.admission import Admission, AdmissionMetrics, AdmissionMiddleware
+from service.auth import AuthMiddleware, KeyRing
 from service.deps import ServiceState
 from service.engine import Engine, EngineDeadError, EngineError, EngineOverloadedError, UnknownAdapterError
 from service.engines import open_engine
@@ -28,6 +31,7 @@ from service.errors import ServiceError, error_body
 from service.images import ImageLimits
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.openapi import install_openapi
 from service.routes import router
 from service.segment_routes import router as segment_router
 from service.segments import load_mask_decoder
@@ -129,6 +133,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.error("engine error (request %s): %s", request_id_of(request.scope), exc)
         return _reply(request, 500, "engine_error", "the model failed on this request")
 
+    async def client_gone(request: Request, exc: Exception) -> JSONResponse:  # mid-body disconnect: not a 500
+        return _reply(request, 499, "client_closed", "the client closed the connection")
+
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error (request %s)", request_id_of(request.scope), exc_info=exc)
         return _reply(request, 500, "internal", "internal error")
@@ -141,6 +148,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(EngineDeadError, engine_dead)
     app.add_exception_handler(UnknownAdapterError, unknown_adapter)
     app.add_exception_handler(EngineError, engine_error)
+    app.add_exception_handler(ClientDisconnect, client_gone)
     app.add_exception_handler(Exception, unexpected)
 
 
@@ -148,7 +156,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     """A fresh app; ``engine_factory`` defaults to :func:`service.engines.open_engine`."""
     metrics = Metrics()
     limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_aspect_ratio)
-    state = ServiceState(settings=settings, metrics=metrics, limits=limits)
+    state = ServiceState(settings=settings, metrics=metrics, limits=limits, admission=Admission.from_settings(settings))
     factory = engine_factory or partial(open_engine, on_batch=metrics.batch_size.observe)
     app = FastAPI(
         title="PaliGemma service",
@@ -162,6 +170,12 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.include_router(router)
     app.include_router(segment_router)  # /segment and the page at /
     _install_error_handlers(app)
+    install_openapi(app, settings)  # the schema as this configuration serves it (issue 6, schemathesis)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    admission_metrics = AdmissionMetrics(metrics, state.admission)  # issue 6: before any body is read
+    app.add_middleware(AdmissionMiddleware, admission=state.admission, metrics=admission_metrics)
+    if settings.api_keys:  # outside admission: unauthenticated traffic never takes a slot
+        keys = KeyRing([k.get_secret_value() for k in settings.api_keys])
+        app.add_middleware(AuthMiddleware, keys=keys, metrics=admission_metrics)
     app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every status
     return app

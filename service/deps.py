@@ -15,6 +15,7 @@ from fastapi import Depends, Request
 
 from paligemma import SpecialIds
 from paligemma.segmentation import MaskDecoder
+from service.admission import Admission
 from service.engine import Engine
 from service.errors import Unavailable
 from service.images import ImageLimits
@@ -29,6 +30,8 @@ class ServiceState:
     settings: Settings
     metrics: Metrics
     limits: ImageLimits
+    admission: Admission
+    """Admission limit and drain flag (issue 6)."""
     engine: Engine | None = None
     special_ids: SpecialIds | None = None
     """Where the tokenizer keeps its loc/seg tokens, read once when the engine is up."""

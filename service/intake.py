@@ -78,10 +78,12 @@ def _b64decode(text: object, max_image_bytes: int) -> bytes:
 async def _read_json(request: Request, max_image_bytes: int) -> tuple[dict[str, Any], bytes | None]:
     try:
         payload = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[... nesting bombs
         raise BadRequest("the body is not valid JSON", code="bad_json") from None
     if not isinstance(payload, dict):
         raise ValidationFailed("body: must be a JSON object")
+    if "image_url" in payload:  # issue 6: no URL fetching (SSRF); the schema has no such field
+        raise ValidationFailed("image_url: fetching images from URLs is disabled; send the image itself as base64")
     image = payload.pop("image", None)
     return payload, None if image is None else _b64decode(image, max_image_bytes)
 

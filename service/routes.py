@@ -246,7 +246,9 @@ async def healthz() -> Status:
 
 @router.get("/readyz", response_model=Status, responses={503: {"model": ErrorResponse}}, tags=["probes"])
 async def readyz(state: StateDep, engine: EngineDep) -> Status:
-    """The engine is loaded and healthy: send traffic."""
+    """The engine is loaded and healthy, and the server is not draining: send traffic."""
+    if state.admission.draining:
+        raise Unavailable("the server is shutting down", code="draining")
     await engine.check_health()
     return Status(status="ready", model=engine.model_name, engine=engine.name)
 

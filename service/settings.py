@@ -7,10 +7,10 @@ reads it from a module global, so tests can run several apps with different sett
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 EngineKind = Literal["auto", "transformers", "vllm"]
 Device = Literal["auto", "cuda", "mps", "cpu"]
@@ -49,6 +49,18 @@ class Settings(BaseSettings):
 
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline per request; past it: 504, engine aborted")
 
+    # Reliability and security (issue 6): admission control, drain on SIGTERM, bearer keys, image URLs
+    max_concurrent_requests: int = Field(
+        64, ge=1, description="Inference requests processed at once (body read, decode, engine)"
+    )
+    max_queued_requests: int = Field(
+        64, ge=0, description="Inference requests waiting for a slot (body not read yet); beyond: 503 + Retry-After"
+    )
+    drain_timeout_s: float = Field(30.0, ge=0, description="After SIGTERM: seconds in-flight requests get to finish")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="Bearer keys for the inference routes, comma-separated; empty = no auth"
+    )
+
     # vLLM engine (names follow vLLM's AsyncEngineArgs; ignored by the transformers engine)
     max_model_len: int | None = Field(None, ge=16, description="vLLM: longest prompt + output (default: model's)")
     max_num_seqs: int = Field(32, ge=1, description="vLLM: most sequences decoded together")
@@ -73,6 +85,16 @@ class Settings(BaseSettings):
         if not value.strip():
             raise ValueError("set --model or PALIGEMMA_MODEL to a checkpoint directory or hub id")
         return value.strip()
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        """``PALIGEMMA_API_KEYS=key1,key2`` (or repeated ``--api-keys``): comma-separated, blanks dropped."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        parts = [p for i in items for p in (i.split(",") if isinstance(i, str) else [i])]
+        return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
 
     @field_validator("lora")
     @classmethod
