@@ -1,4 +1,4 @@
-"""A real ``python -m service`` process on a free loopback port (transformers engine, tiny checkpoint)."""
+"""A real ``python -m service`` process on a free loopback port (transformers engine unless told otherwise)."""
 
 from __future__ import annotations
 
@@ -33,20 +33,21 @@ class ServiceProcess:
     """
 
     def __init__(self, checkpoint: Path, **settings: object) -> None:
+        engine = str(settings.pop("engine", "transformers"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **{f"PALIGEMMA_{k.upper()}": str(v) for k, v in settings.items()}}
         env.setdefault("PALIGEMMA_MAX_NEW_TOKENS", "3")
         env.setdefault("PALIGEMMA_LOG_LEVEL", "warning")
         self._log = tempfile.NamedTemporaryFile(prefix="service-", suffix=".log", delete=False)  # noqa: SIM115
-        command = [sys.executable, "-m", "service", "--model", str(checkpoint), "--engine", "transformers"]
+        command = [sys.executable, "-m", "service", "--model", str(checkpoint), "--engine", engine]
         command += ["--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:
         return Path(self._log.name).read_text(errors="replace")
 
-    def wait_ready(self, timeout_s: float = 180) -> None:
+    def wait_ready(self, timeout_s: float = 360) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

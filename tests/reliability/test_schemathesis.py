@@ -51,7 +51,7 @@ def test_schemathesis(fuzz_server: ServiceProcess, tmp_path: Path) -> None:
         f"--report-dir={tmp_path}",
     ]
     start = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False, cwd=tmp_path)
     seconds = time.monotonic() - start
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-8000:]
