@@ -135,4 +135,7 @@ def test_auth(tiny_checkpoint: Path) -> None:
         for path in ("/healthz", "/readyz", "/metrics", "/openapi.json", "/"):
             assert httpx.get(f"{server.url}{path}").status_code == 200, path
         assert server.metric("paligemma_rejected_requests_total", 'reason="unauthorized"') >= 11
+        spec = httpx.get(f"{server.url}/openapi.json").json()  # the schema says so too
+        assert "401" in spec["paths"]["/detect"]["post"]["responses"]
+        assert spec["components"]["securitySchemes"]["bearer"] == {"type": "http", "scheme": "bearer"}
         assert "key-one" not in server.log() and "key-two" not in server.log()
