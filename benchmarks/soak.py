@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.reliability.server import ServiceProcess  # noqa: E402
 
-ENDPOINTS = (
+ENDPOINTS: tuple[tuple[str, dict[str, str]], ...] = (
     ("/detect", {"objects": "cat ; dog"}),
     ("/vqa", {"question": "what is this?"}),
     ("/caption", {}),
