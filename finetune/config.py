@@ -225,9 +225,10 @@ def _attribute_docs(cls: type) -> dict[str, str]:
             continue
         body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
         for node, nxt in zip(body, body[1:], strict=False):
-            named = isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
-            if named and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())  # type: ignore[union-attr]
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
@@ -253,7 +254,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, .
             kwargs["action"] = argparse.BooleanOptionalAction
         elif get_origin(tp) is tuple:
             kwargs.update(action="append", type=get_args(tp)[0], default=None)
-            kwargs["help"] += f" (default: {' '.join(map(str, default)) or 'none'})"
+            kwargs["help"] += f" (default: {' '.join(map(str, default or ())) or 'none'})"
         elif get_origin(tp) is Literal:
             kwargs.update(choices=get_args(tp))
         else:

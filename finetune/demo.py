@@ -59,25 +59,27 @@ class DemoConfig:
     """Model shape (see finetune.demo.PRESETS)."""
     train_images: int = 6000
     """Synthetic training images (seed --train-seed)."""
+    questions_per_image: int = 1
+    """VQA questions per synthetic image (train and held-out)."""
     heldout_images: int = 200
     """Held-out images (seed --heldout-seed), never seen in training."""
     train_seed: int = 1
     """Seed of the training set."""
     heldout_seed: int = 2
     """Seed of the held-out set."""
-    max_steps: int = 3000
+    max_steps: int = 6000
     """Optimiser steps (sized to fit --max-minutes on a quiet 2-core machine)."""
     max_minutes: float = 10.0
     """Wall-clock cap on training; a slower or busier machine stops early."""
     threads: int = 2
     """CPU threads for training and evaluation."""
-    batch_size: int = 32
+    batch_size: int = 16
     """Examples per step."""
-    lr: float = 1e-3
+    lr: float = 2e-3
     """Peak learning rate (AdamW)."""
     scheduler: str = "constant_with_warmup"
     """Learning-rate schedule over --max-steps."""
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     """Linear warm-up steps."""
     absent_per_image: int = 1
     """Absent-class prompts (empty target) per training image."""
@@ -85,8 +87,8 @@ class DemoConfig:
     """Box targets on every 16th loc bin (see finetune.data): sharper first-token choice for a tiny model."""
     curve_minutes: tuple[float, ...] = (2.5, 5.0, 7.5)
     """Training minutes at which a snapshot is scored on --curve-images held-out images."""
-    curve_images: int = 50
-    """Held-out images (and twice as many questions) scored per snapshot."""
+    curve_images: int = 100
+    """Held-out images (and their questions) scored per snapshot."""
     pictures: int = 12
     """Comparison pictures of the first held-out images."""
     seed: int = 0
@@ -103,15 +105,15 @@ class DemoConfig:
             raise ValueError(f"{flag('train_images')}, {flag('heldout_images')} and {flag('max_steps')} must be >= 1")
 
 
-def _dataset(path: Path, n: int, seed: int) -> Path:
-    """Synthetic set at ``path``, regenerated only when its size or seed changed."""
+def _dataset(path: Path, n: int, seed: int, questions: int) -> Path:
+    """Synthetic set at ``path``, regenerated only when its recipe changed."""
     from finetune.synth import generate
 
     stamp = path / "synth.json"
-    wanted = {"n": n, "seed": seed}
+    wanted = {"n": n, "seed": seed, "questions_per_image": questions}
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
         shutil.rmtree(path, ignore_errors=True)
-        generate(path, n, seed=seed)
+        generate(path, n, seed=seed, questions_per_image=questions)
         stamp.write_text(json.dumps(wanted) + "\n")
     return path
 
@@ -142,8 +144,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     torch.set_num_threads(cfg.threads)
     base = build_tiny_checkpoint(work / "base", seed=cfg.seed, cfg=PRESETS[cfg.preset])
-    train_dir = _dataset(work / "train", cfg.train_images, cfg.train_seed)
-    held_dir = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed)
+    train_dir = _dataset(work / "train", cfg.train_images, cfg.train_seed, cfg.questions_per_image)
+    held_dir = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed, cfg.questions_per_image)
     run = work / "run"
     shutil.rmtree(run, ignore_errors=True)
     load_before = os.getloadavg()

@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -181,37 +181,27 @@ async def evaluate(
     return report
 
 
-@contextlib.asynccontextmanager
-async def open_engine(
+def open_engine(
     model: str | Path, kind: str = "transformers", *, device: str = "auto", max_batch_size: int = 64
-) -> AsyncIterator[Engine]:
-    """One of the service's engines over ``model``, closed on exit (``kind``: transformers or vllm)."""
+) -> contextlib.AbstractAsyncContextManager[Engine]:
+    """The service's own engine over ``model`` (``service.engines.open_engine``), as an async context manager.
+
+    ``kind`` is ``transformers``, ``vllm`` or ``auto``. The queue is unbounded here because
+    :func:`evaluate` bounds what is in flight itself.
+    """
     import torch
 
-    if kind == "vllm":
-        from service.vllm_engine import VLLMOptions, open_vllm_engine
+    from service.engines import open_engine as open_service_engine
+    from service.settings import Settings
 
-        kv = None if torch.cuda.is_available() else 1.0  # GiB; the CPU default (4) is more than tests need
-        options = VLLMOptions(model=str(model), max_num_seqs=max_batch_size, enforce_eager=True, kv_cache_gib=kv)
-        async with open_vllm_engine(options) as vllm_engine:
-            yield vllm_engine
-        return
-    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
-
-    from service.hf_engine import HFEngine, resolve_device_dtype
-
-    torch_device, dtype = resolve_device_dtype(device, "auto")
-    loaded = PaliGemmaForConditionalGeneration.from_pretrained(str(model), dtype=dtype)
-    processor = PaliGemmaProcessor.from_pretrained(str(model))
-    engine = HFEngine(
-        loaded.to(torch_device).eval(),
-        processor,
-        model_name=Path(model).name,
+    settings = Settings(  # type: ignore[call-arg]  # pydantic fills the other fields
+        model=str(model),
+        engine=kind,  # type: ignore[arg-type]  # Settings validates the value
+        device=device,  # type: ignore[arg-type]
         max_batch_size=max_batch_size,
-        max_queue_size=100_000,  # evaluate() bounds what is in flight itself
+        max_queue_size=1_000_000,
+        max_num_seqs=max_batch_size,
+        enforce_eager=not torch.cuda.is_available(),
+        kv_cache_gib=None if torch.cuda.is_available() else 1.0,  # vLLM-CPU's default 4 GiB is more than needed
     )
-    engine.start()
-    try:
-        yield engine
-    finally:
-        await engine.aclose()
+    return open_service_engine(settings)

@@ -83,7 +83,8 @@ def merge(cfg: MergeConfig) -> Path:
         model = PaliGemmaForConditionalGeneration.from_pretrained(str(source), dtype=torch.float32)
         processor_dir = source
     processor = PaliGemmaProcessor.from_pretrained(str(processor_dir))
-    save_checkpoint(model.eval(), processor, out, dtype=DTYPES[cfg.dtype])
+    model.eval()  # type: ignore[no-untyped-call]
+    save_checkpoint(model, processor, out, dtype=DTYPES[cfg.dtype])
     marker.write_text(json.dumps(info, indent=2) + "\n")
     log.info("merged %s (%s) into %s as %s", source, method, out, cfg.dtype)
     return out
@@ -91,4 +92,5 @@ def merge(cfg: MergeConfig) -> Path:
 
 def _adapter_base(source: Path) -> str | None:
     config = json.loads((source / "adapter_config.json").read_text())
-    return config.get("base_model_name_or_path")
+    base = config.get("base_model_name_or_path")
+    return str(base) if base else None

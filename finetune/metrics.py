@@ -133,8 +133,13 @@ def mean_box_baseline(train: DetectionSet, test: DetectionSet) -> dict[int, list
     for im in test.images:
         scale = np.array([im.width, im.height, im.width, im.height], dtype=float)
         present = dict.fromkeys(o.label for o in im.objects if o.label in means)
-        out[im.image_id] = [Box(label, tuple(means[label] * scale), 1.0) for label in present]  # type: ignore[arg-type]
+        out[im.image_id] = [Box(label, _box(means[label] * scale), 1.0) for label in present]
     return out
+
+
+def _box(values: np.ndarray) -> tuple[float, float, float, float]:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2
 
 
 def majority_answer_baseline(train: Sequence[VQARecord], test: Sequence[VQARecord]) -> list[str]:

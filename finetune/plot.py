@@ -64,7 +64,7 @@ def learning_curve_png(
         legend.append((f"{name} (right axis)", color))
     draw.text((left, 6), title, fill=(0, 0, 0), font=font)
     draw.text(((left + right) / 2, SIZE[1] - 18), x_label, fill=(0, 0, 0), font=small, anchor="mm")
-    lx = left
+    lx = float(left)
     for text, color in legend:  # one row between the title and the plot
         draw.rectangle((lx, 31, lx + 14, 39), fill=color)
         draw.text((lx + 20, 28), text, fill=(0, 0, 0), font=small)

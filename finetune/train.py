@@ -81,7 +81,7 @@ def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
 
         kwargs = {
             "dtype": torch.bfloat16,
-            "quantization_config": BitsAndBytesConfig(
+            "quantization_config": BitsAndBytesConfig(  # type: ignore[no-untyped-call]
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
             ),
             "device_map": {"": torch.cuda.current_device()},
@@ -98,7 +98,9 @@ def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_checkpointing(cfg))
+        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
+            model, use_gradient_checkpointing=_checkpointing(cfg)
+        )
     lora = LoraConfig(
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -106,8 +108,7 @@ def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
         target_modules=LANGUAGE_MODEL_PATTERN.format("|".join(cfg.lora_targets)),
         task_type="CAUSAL_LM",
     )
-    model = get_peft_model(model, lora)
-    return model, processor
+    return get_peft_model(model, lora), processor
 
 
 def _checkpointing(cfg: TrainConfig) -> bool:
@@ -217,7 +218,7 @@ def train(cfg: TrainConfig) -> Path:
         data_collator=PaliGemmaCollator(processor, cfg.max_length),
         callbacks=callbacks,
     )
-    resume = get_last_checkpoint(str(out)) if cfg.resume else None
+    resume = get_last_checkpoint(str(out)) if cfg.resume else None  # type: ignore[no-untyped-call]
     if cfg.resume and resume is None:
         log.warning("%s: no checkpoint-N in %s, starting from scratch", flag("resume"), out)
     log.info("training %s on %d examples (%s, %s)", cfg.method, len(examples), precision, trainer.args.device)
