@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -61,11 +62,17 @@ def _merge(args: argparse.Namespace) -> None:
 def _eval(args: argparse.Namespace) -> None:
     cfg = from_args(EvalConfig, args)
     report = asyncio.run(run_eval(cfg))
+    if cfg.compare:
+        sys.stdout.write(Path(cfg.out, "report.md").read_text())  # both models' metrics, per-image IoU change
+        return
     log.info("report: %s", json.dumps({k: v for k, v in report.items() if k != "pictures"}))
 
 
 async def run_eval(cfg: EvalConfig) -> dict[str, object]:
-    """Load the held-out data, open the chosen engine on ``cfg.model`` and evaluate (``eval`` command)."""
+    """Load the held-out data, open the chosen engine on ``cfg.model`` and evaluate (``eval`` command).
+
+    With ``cfg.compare``, the base model and ``cfg.model`` are evaluated in turn (:mod:`finetune.compare`).
+    """
     from finetune.data import load_coco, load_vqa
     from finetune.evaluate import evaluate, open_engine
 
@@ -75,6 +82,25 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
         if detection is not None:
             detection.images = detection.images[: cfg.limit]
         vqa = vqa[: cfg.limit] if vqa else vqa
+    if cfg.compare:
+        from finetune.compare import compare
+
+        engines = {
+            "base": open_engine(cfg.compare, cfg.engine, device=cfg.device),
+            "finetuned": open_engine(cfg.model, cfg.engine, device=cfg.device),
+        }
+        return await compare(
+            engines,
+            detection=detection,
+            vqa=vqa,
+            out=cfg.out,
+            pictures=cfg.pictures,
+            sheet=cfg.sheet,
+            classes=cfg.classes or None,
+            classes_per_prompt=cfg.classes_per_prompt,
+            max_new_tokens=cfg.max_new_tokens,
+            concurrency=cfg.concurrency,
+        )
     async with open_engine(cfg.model, cfg.engine, device=cfg.device) as engine:
         return await evaluate(
             engine,
@@ -126,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(merge, MergeConfig)
     merge.set_defaults(func=_merge)
 
-    evaluate = commands.add_parser("eval", help="mAP / VQA accuracy through a service engine, report + pictures")
+    evaluate = commands.add_parser(
+        "eval", help="mAP / VQA accuracy through a service engine, report + pictures; --compare BASE: before/after"
+    )
     add_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(func=_eval)
 

@@ -200,6 +200,10 @@ class EvalConfig:
     """Requests in flight at once (the engine batches them)."""
     device: str = "auto"
     """Device for the transformers engine (auto, cpu, cuda)."""
+    compare: str | None = None
+    """Base model to compare --model against on the same images (pictures: base left, --model right)."""
+    sheet: int = 8
+    """With --compare: comparisons in contact_sheet.png (0: none)."""
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -210,6 +214,8 @@ class EvalConfig:
             raise ValueError(f"nothing to evaluate: give {flag('coco')} and/or {flag('vqa')}")
         if self.concurrency < 1:
             raise ValueError(f"{flag('concurrency')} must be >= 1")
+        if self.sheet < 0 or self.pictures < 0:
+            raise ValueError(f"{flag('pictures')} and {flag('sheet')} must be >= 0")
 
 
 C = TypeVar("C")

@@ -108,14 +108,23 @@ def _scaled(boxes: Sequence[Box], factor: float) -> list[Box]:
 
 
 def comparison_picture(
-    image: Image.Image, ground_truth: Sequence[Box], columns: Sequence[tuple[str, Sequence[Box]]]
+    image: Image.Image,
+    ground_truth: Sequence[Box],
+    columns: Sequence[tuple[str, Sequence[Box]]],
+    *,
+    truth_in_columns: bool = False,
 ) -> Image.Image:
-    """Ground truth (green) then one panel per ``(title, predictions)`` column (blue, label and score)."""
+    """Ground truth (green) then one panel per ``(title, predictions)`` column (blue, label and score).
+
+    ``truth_in_columns``: no ground-truth panel; the truth is drawn in green under every column's
+    predictions instead, so the columns compare directly (``eval --compare``: base left, finetuned right).
+    """
     factor = max(1.0, PICTURE_SIDE / min(image.size))
     big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
-    panels = [draw_detections(big, _scaled(ground_truth, factor), color=GROUND_TRUTH, show_score=False)]
-    panels += [draw_detections(big, _scaled(boxes, factor), color=PREDICTION) for _, boxes in columns]
-    return side_by_side(panels, titles=["ground truth", *(title for title, _ in columns)])
+    truth = draw_detections(big, _scaled(ground_truth, factor), color=GROUND_TRUTH, show_score=False)
+    under, panels, titles = (truth, [], []) if truth_in_columns else (big, [truth], ["ground truth"])
+    panels += [draw_detections(under, _scaled(boxes, factor), color=PREDICTION) for _, boxes in columns]
+    return side_by_side(panels, titles=[*titles, *(title for title, _ in columns)])
 
 
 def write_pictures(
