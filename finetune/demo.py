@@ -67,19 +67,19 @@ class DemoConfig:
     """Seed of the training set."""
     heldout_seed: int = 2
     """Seed of the held-out set."""
-    max_steps: int = 6000
+    max_steps: int = 3000
     """Optimiser steps (sized to fit --max-minutes on a quiet 2-core machine)."""
     max_minutes: float = 10.0
     """Wall-clock cap on training; a slower or busier machine stops early."""
     threads: int = 2
     """CPU threads for training and evaluation."""
-    batch_size: int = 16
+    batch_size: int = 32
     """Examples per step."""
-    lr: float = 2e-3
+    lr: float = 1e-3
     """Peak learning rate (AdamW)."""
     scheduler: str = "constant_with_warmup"
     """Learning-rate schedule over --max-steps."""
-    warmup_steps: int = 100
+    warmup_steps: int = 50
     """Linear warm-up steps."""
     absent_per_image: int = 1
     """Absent-class prompts (empty target) per training image."""
