@@ -119,6 +119,15 @@ def _deadline_s(request: Request, state: ServiceState) -> float:
     return min(asked, limit)
 
 
+async def _decode_and_generate(
+    request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
+) -> tuple[Image, Generation]:
+    """The shared middle of every handler: check ``max_new_tokens``, decode the image, run the engine."""
+    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    image = await decode(state, data)
+    return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+
+
 def _usage(generation: Generation) -> Usage:
     return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens)
 
@@ -145,10 +154,7 @@ async def detect(
     start = time.perf_counter()
     params, data = await read_request(request, DetectParams, state.limits)
     objects = prompts.split_objects(params.objects)
-    prefix = prompts.detect(objects)
-    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
-    image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    image, generation = await _decode_and_generate(request, state, engine, prompts.detect(objects), params, data)
     if state.special_ids is None:
         raise Unavailable()
     detections, dropped = build_detections(
@@ -181,9 +187,7 @@ async def vqa(request: Request, state: StateDep, engine: EngineDep) -> VQARespon
     start = time.perf_counter()
     params, data = await read_request(request, VQAParams, state.limits)
     prefix = prompts.answer(params.question, params.lang)
-    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
-    image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    _, generation = await _decode_and_generate(request, state, engine, prefix, params, data)
     return VQAResponse(
         answer=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),
@@ -198,9 +202,7 @@ async def _text_task(
     request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
 ) -> TextResponse:
     start = time.perf_counter()
-    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
-    image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    _, generation = await _decode_and_generate(request, state, engine, prefix, params, data)
     return TextResponse(
         text=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),
