@@ -27,7 +27,8 @@ SEG_PATTERN = re.compile(r"<seg(\d{3})>")
 
 
 def loc_index(value: float, side: float) -> int:
-    """Bin of one coordinate: ``clip(round(value / side * 1023), 0, 1023)``."""
+    """Bin of one coordinate: ``clip(round(value / side * 1023), 0, 1023)``, rounding half to even as
+    big_vision's ``tf.round`` does."""
     if side <= 0:
         raise ValueError(f"image side must be positive, got {side}")
     return min(max(round(value / side * LOC_MAX), 0), LOC_MAX)

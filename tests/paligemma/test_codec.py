@@ -18,6 +18,11 @@ def test_encode_box_is_y_first_and_uses_1023() -> None:
     assert encode_box(25, 10, 200, 40, width=200, height=40) == "<loc0256><loc0128><loc1023><loc1023>"
 
 
+def test_rounding_is_half_to_even_like_big_vision() -> None:
+    # tf.round rounds half to even; so does Python's round: 255.5 -> 256 and 256.5 -> 256
+    assert encode_box(0, 255.5, 10, 256.5, width=10, height=1023) == "<loc0256><loc0000><loc0256><loc1023>"
+
+
 def test_encode_clips_outside_the_image() -> None:
     assert encode_box(-5, -5, 500, 500, width=100, height=100) == "<loc0000><loc0000><loc1023><loc1023>"
 
@@ -104,7 +109,9 @@ sides = st.integers(min_value=1, max_value=10_000)
 def boxes(draw: st.DrawFn) -> tuple[float, float, float, float, int, int]:
     width, height = draw(sides), draw(sides)
     unit = st.floats(min_value=0.0, max_value=1.0, allow_nan=False)
-    gap = 1.0 / LOC_MAX  # at least one bin apart, so the encoded box is valid
+    # more than one bin apart, so the encoded box is valid: round() is half-to-even (as tf.round in
+    # big_vision), so two values exactly one bin apart can share a bin (255.5 and 256.5 both give 256)
+    gap = 1.001 / LOC_MAX
     x1, y1 = draw(unit) * (1 - gap), draw(unit) * (1 - gap)
     x2 = draw(st.floats(min_value=x1 + gap, max_value=1.0))
     y2 = draw(st.floats(min_value=y1 + gap, max_value=1.0))
