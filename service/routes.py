@@ -69,11 +69,12 @@ def _body_docs(params: type[BaseModel], json_model: type[BaseModel]) -> dict[str
     return {"requestBody": {"required": True, "content": content}}
 
 
-def _max_new_tokens(state: ServiceState, requested: int | None) -> int:
+def _max_new_tokens(state: ServiceState, requested: int | None, default: int | None = None) -> int:
+    """The request's ``max_new_tokens`` (checked against the limit), else ``default`` or the server's."""
     limit = state.settings.max_new_tokens_limit
     if requested is not None and requested > limit:
         raise ValidationFailed(f"max_new_tokens: may be at most {limit}")
-    return requested or state.settings.max_new_tokens
+    return requested or default or state.settings.max_new_tokens
 
 
 async def _generate(
@@ -120,10 +121,16 @@ def _deadline_s(request: Request, state: ServiceState) -> float:
 
 
 async def _decode_and_generate(
-    request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
+    request: Request,
+    state: ServiceState,
+    engine: Engine,
+    prefix: str,
+    params: Any,
+    data: bytes,
+    default_max_new_tokens: int | None = None,
 ) -> tuple[Image, Generation]:
     """The shared middle of every handler: check ``max_new_tokens``, decode the image, run the engine."""
-    max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
+    max_new_tokens = _max_new_tokens(state, params.max_new_tokens, default_max_new_tokens)
     image = await decode(state, data)
     return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
 

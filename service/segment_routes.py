@@ -21,8 +21,8 @@ from paligemma.segmentation import MaskDecoder
 from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png
 from service.deps import EngineDep, StateDep, get_state
 from service.errors import Unavailable
-from service.intake import decode, read_request
-from service.routes import _ERRORS, _body_docs, _generate, _max_new_tokens, _ms, _usage
+from service.intake import read_request
+from service.routes import _ERRORS, _body_docs, _decode_and_generate, _ms, _usage
 from service.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
 from service.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
 
@@ -73,12 +73,8 @@ async def segment(
     objects = prompts.split_objects(params.objects)
     prefix = prompts.segment(objects)
     settings = state.settings
-    if params.max_new_tokens is not None:
-        max_new_tokens = _max_new_tokens(state, params.max_new_tokens)
-    else:
-        max_new_tokens = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
-    image = await decode(state, data)
-    generation = await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    budget = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
+    image, generation = await _decode_and_generate(request, state, engine, prefix, params, data, budget)
     if state.special_ids is None:
         raise Unavailable()
     detections, parsed, dropped = await asyncio.to_thread(
