@@ -43,7 +43,14 @@ def _tiny(args: argparse.Namespace) -> None:
 def _synth(args: argparse.Namespace) -> None:
     from finetune.synth import generate
 
-    out = generate(args.out, args.n, seed=args.seed, size=args.size, shapes=tuple(args.shapes.split(",")))
+    out = generate(
+        args.out,
+        args.n,
+        seed=args.seed,
+        size=args.size,
+        shapes=tuple(args.shapes.split(",")),
+        max_shapes=args.max_shapes,
+    )
     log.info("wrote %d synthetic images to %s (annotations.json, vqa.jsonl, images/)", args.n, out)
 
 
@@ -142,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument(
         "--shapes", default="circle,square,triangle", help="comma-separated, from circle,square,triangle,diamond"
     )
+    synth.add_argument("--max-shapes", type=int, default=4, help="shapes per image are drawn from 1..N (1-4)")
     synth.set_defaults(func=_synth)
 
     train = commands.add_parser("train", help="LoRA / QLoRA / full finetuning with the transformers Trainer")

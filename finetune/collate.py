@@ -8,6 +8,10 @@ and 1 on suffix + eos, and ``labels`` = input ids with -100 wherever the type is
 - padding positions are forced to -100 in ``labels`` whatever their type id, so the loss never sees them.
 
 ``token_type_ids`` stay in the batch: the model builds the bidirectional prefix block from them.
+With ``trim_logits`` (the default) the batch also carries transformers' ``logits_to_keep``, and ``labels``
+are cut to match: the language-model head then runs only from the first suffix position on, not over
+the image tokens and the prompt. Same loss; on the tiny CPU model a training step is about a third cheaper,
+and with a real 257k-token vocabulary it saves gigabytes of logits per batch.
 ``truncation="only_second"`` means only the suffix is ever cut, never the image tokens or the prompt.
 """
 
@@ -59,8 +63,10 @@ class PaliGemmaCollator:
     max_length: int = 256
     dtype: torch.dtype | None = None
     """Cast ``pixel_values`` to this dtype (bf16 training)."""
+    trim_logits: bool = True
+    """Add ``logits_to_keep`` and cut ``labels`` to it (module docstring)."""
 
-    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
         tokenizer = self.processor.tokenizer
         side = tokenizer.padding_side
         tokenizer.padding_side = "right"
@@ -80,6 +86,11 @@ class PaliGemmaCollator:
         labels[inputs["attention_mask"] == 0] = -100
         out = {k: v for k, v in inputs.items() if k != "labels"}
         out["labels"] = labels
+        labelled = (labels != -100).any(dim=0).nonzero()
+        if self.trim_logits and len(labelled):
+            keep = labels.shape[1] - int(labelled[0]) + 1  # from the position that predicts the first label
+            out["logits_to_keep"] = keep
+            out["labels"] = labels[:, -keep:]
         if self.dtype is not None:
             out["pixel_values"] = out["pixel_values"].to(self.dtype)
         return out

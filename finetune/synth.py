@@ -95,12 +95,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
 
 
 def render(
-    seed: int, index: int, size: int = 112, shapes: tuple[str, ...] = DEFAULT_SHAPES
+    seed: int, index: int, size: int = 112, shapes: tuple[str, ...] = DEFAULT_SHAPES, max_shapes: int = 4
 ) -> tuple[Image.Image, list[Shape]]:
-    """Image ``index`` of the dataset with ``seed``: the picture and its shapes."""
+    """Image ``index`` of the dataset with ``seed``: the picture and its 1..``max_shapes`` shapes."""
     rng = random.Random(f"{seed}:{index}")
     image = _background(rng, size, size)
-    boxes = _place(rng, size, size, rng.randint(1, 4))
+    boxes = _place(rng, size, size, rng.randint(1, max_shapes))
     objects = [Shape(rng.choice(shapes), rng.choice(list(COLORS)), box) for box in boxes]
     draw = ImageDraw.Draw(image)
     for shape in objects:
@@ -130,23 +130,26 @@ def generate(
     size: int = 112,
     shapes: tuple[str, ...] = DEFAULT_SHAPES,
     questions_per_image: int = 2,
+    max_shapes: int = 4,
 ) -> Path:
     """Write ``n`` images with COCO annotations and VQA questions to ``out`` (see the module docstring)."""
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown or not shapes:
         raise ValueError(f"--shapes must be some of {', '.join(SHAPES)}, got {list(shapes)}")
+    if not 1 <= max_shapes <= 4:
+        raise ValueError(f"--max-shapes must be 1 to 4, got {max_shapes}")
     root = Path(out)
     (root / "images").mkdir(parents=True, exist_ok=True)
     category = {name: i + 1 for i, name in enumerate(shapes)}
     coco: dict[str, Any] = {
-        "info": {"description": f"synthetic shapes, seed {seed}", "version": "1"},
+        "info": {"description": f"synthetic shapes, seed {seed}, 1-{max_shapes} per image", "version": "1"},
         "images": [],
         "annotations": [],
         "categories": [{"id": i, "name": name, "supercategory": "shape"} for name, i in category.items()],
     }
     vqa_lines: list[str] = []
     for index in range(n):
-        image, objects = render(seed, index, size, shapes)
+        image, objects = render(seed, index, size, shapes, max_shapes)
         file_name = f"images/{index:06d}.png"
         image.save(root / file_name, compress_level=1)  # fast; the files stay small anyway
         coco["images"].append({"id": index, "file_name": file_name, "width": size, "height": size})

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 from PIL import Image
-from transformers import PaliGemmaProcessor
+from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from finetune.collate import PaliGemmaCollator
 
@@ -14,7 +15,7 @@ def test_labels_mask_image_prefix_and_padding(tiny_checkpoint: Path) -> None:
     processor = PaliGemmaProcessor.from_pretrained(tiny_checkpoint)
     tok = processor.tokenizer
     image = Image.new("RGB", (112, 112), (40, 40, 40))
-    batch = PaliGemmaCollator(processor, max_length=128)(
+    batch = PaliGemmaCollator(processor, max_length=128, trim_logits=False)(
         [
             {
                 "image": image,
@@ -39,3 +40,28 @@ def test_labels_mask_image_prefix_and_padding(tiny_checkpoint: Path) -> None:
     empty = ids[1][(types[1] == 1) & (mask[1] == 1)].tolist()
     assert empty == [tok.eos_token_id]  # an empty target: the suffix is just eos
     assert (mask[1] == 0).any() and (labels[1][mask[1] == 0] == -100).all()
+
+
+def test_trimmed_logits_give_the_same_loss(tiny_checkpoint: Path) -> None:
+    """``logits_to_keep`` + cut labels: the head skips image and prompt positions, the loss is unchanged."""
+    processor = PaliGemmaProcessor.from_pretrained(tiny_checkpoint)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    boxes = "<loc0010><loc0020><loc0300><loc0400> circle ; <loc0500><loc0020><loc0900><loc0400> square"
+    items = [
+        {"image": Image.new("RGB", (112, 112), (200, 30, 30)), "prefix": "detect circle ; square", "suffix": boxes},
+        {
+            "image": Image.new("RGB", (112, 112), (30, 30, 200)),
+            "prefix": "answer en what color is it?",
+            "suffix": "blue",
+        },
+    ]
+    full = PaliGemmaCollator(processor, trim_logits=False)(items)
+    trimmed = PaliGemmaCollator(processor)(items)
+    keep = trimmed["logits_to_keep"]
+    first_label = int((full["labels"] != -100).any(dim=0).nonzero()[0])
+    assert keep == full["input_ids"].shape[1] - first_label + 1 < full["input_ids"].shape[1] - 64
+    assert torch.equal(trimmed["labels"], full["labels"][:, -keep:])
+    with torch.no_grad():
+        out_full, out_trimmed = model(**full), model(**trimmed)
+    assert out_trimmed.logits.shape[1] == keep
+    assert torch.allclose(out_trimmed.loss, out_full.loss, atol=1e-6), (out_trimmed.loss, out_full.loss)
