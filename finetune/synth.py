@@ -7,7 +7,7 @@ a tiny model trained from scratch on a 2-core CPU must learn them within minutes
     OUT/images/000000.png ...
     OUT/annotations.json     COCO detection: images (file_name "images/000000.png"), annotations
                              (bbox [x, y, w, h] in pixels, plus the shape's "color"), categories
-    OUT/vqa.jsonl            {"image", "question", "answer", "type"} lines about colour, count, position
+    OUT/vqa.jsonl            {"image", "question", "answer", "type"} lines about count, colour, position, shape
 
 Paths inside are relative to OUT, which is the default image folder of every loader in ``finetune.data``.
 Image ``i`` depends only on ``(seed, i)``, so a dataset is reproducible and a larger ``n`` extends a smaller
@@ -108,9 +108,16 @@ def render(
     return image, objects
 
 
+QUESTION_TYPES = ("count", "count_kind", "exists", "color", "position", "shape")
+
+
 def questions(objects: list[Shape], width: int, shapes: tuple[str, ...]) -> list[dict[str, str]]:
     """Every question template that has one right answer for this image."""
     out = [{"type": "count", "question": "how many shapes are there?", "answer": NUMBERS[len(objects)]}]
+    for color in sorted({o.color for o in objects}):
+        mine = [o for o in objects if o.color == color]
+        if len(mine) == 1:
+            out.append({"type": "shape", "question": f"what shape is the {color} one?", "answer": mine[0].kind})
     for kind in shapes:
         mine = [o for o in objects if o.kind == kind]
         out.append({"type": "count_kind", "question": f"how many {kind}s are there?", "answer": NUMBERS[len(mine)]})
@@ -131,11 +138,17 @@ def generate(
     shapes: tuple[str, ...] = DEFAULT_SHAPES,
     questions_per_image: int = 2,
     max_shapes: int = 4,
+    question_types: tuple[str, ...] = QUESTION_TYPES,
 ) -> Path:
-    """Write ``n`` images with COCO annotations and VQA questions to ``out`` (see the module docstring)."""
+    """Write ``n`` images with COCO annotations and VQA questions to ``out`` (see the module docstring).
+
+    Each image gets ``questions_per_image`` questions of distinct types drawn from ``question_types``.
+    """
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown or not shapes:
         raise ValueError(f"--shapes must be some of {', '.join(SHAPES)}, got {list(shapes)}")
+    if not set(question_types) <= set(QUESTION_TYPES):
+        raise ValueError(f"question types must be some of {', '.join(QUESTION_TYPES)}, got {list(question_types)}")
     if not 1 <= max_shapes <= 4:
         raise ValueError(f"--max-shapes must be 1 to 4, got {max_shapes}")
     root = Path(out)
@@ -169,7 +182,8 @@ def generate(
         rng = random.Random(f"{seed}:{index}:vqa")
         by_type: dict[str, list[dict[str, str]]] = {}
         for qa in questions(objects, size, shapes):
-            by_type.setdefault(qa["type"], []).append(qa)
+            if qa["type"] in question_types:
+                by_type.setdefault(qa["type"], []).append(qa)
         for kind in rng.sample(sorted(by_type), min(questions_per_image, len(by_type))):  # types balanced
             vqa_lines.append(json.dumps({"image": file_name, **rng.choice(by_type[kind])}))
     (root / "annotations.json").write_text(json.dumps(coco) + "\n")

@@ -35,8 +35,22 @@ def test_layout_and_contents(tmp_path: Path) -> None:
         "exists",
         "color",
         "position",
+        "shape",
     }
     by_path = {im.path: im for im in data.images}
     for q in questions:
         if q.kind == "count":
             assert q.answers == (NUMBERS[len(by_path[q.image].objects)],)
+
+
+def test_max_shapes_and_question_types(tmp_path: Path) -> None:
+    root = generate(tmp_path / "one", 12, seed=0, max_shapes=1, question_types=("shape",), questions_per_image=1)
+    data = load_coco(root / "annotations.json", on_error="fail")
+    raw = json.loads((root / "annotations.json").read_text())
+    colors = {ann["image_id"]: ann["color"] for ann in raw["annotations"]}
+    questions = load_vqa(root / "vqa.jsonl", on_error="fail")
+    assert all(len(im.objects) == 1 for im in data.images) and len(questions) == 12
+    for image, q in zip(data.images, questions, strict=True):
+        (only,) = image.objects
+        assert q.kind == "shape" and q.question == f"what shape is the {colors[image.image_id]} one?"
+        assert q.answers == (only.label,)
