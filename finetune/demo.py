@@ -82,7 +82,7 @@ class DemoConfig:
     """Wall-clock budget of all training (stage 3 gets what stages 1 and 2 leave)."""
     shape_minutes: float = 2.0
     """Stage 1: shape questions only, on one-shape images."""
-    one_shape_minutes: float = 2.0
+    one_shape_minutes: float = 3.0
     """Stage 2: detection and shape questions on one-shape images."""
     shape_lr: float = 3e-4
     """Learning rate of stage 1 (at 1e-3 the shape answer stays at chance)."""
@@ -140,20 +140,20 @@ class Stage:
     lr: float
 
 
-def _dataset(path: Path, n: int, seed: int, questions: int, **options: Any) -> Path:
-    """Synthetic set at ``path``, regenerated only when its recipe changed (``options``: see synth.generate)."""
-    from finetune.synth import generate
+def _dataset(path: Path, n: int, seed: int, questions: int, max_shapes: int = 4, types: tuple[str, ...] = ()) -> Path:
+    """Synthetic set at ``path`` (see synth.generate; ``types`` empty: all question types), regenerated only
+    when its recipe changed."""
+    from finetune.synth import QUESTION_TYPES, generate
 
+    question_types = types or QUESTION_TYPES
     stamp = path / "synth.json"
-    wanted = {
-        "n": n,
-        "seed": seed,
-        "questions_per_image": questions,
-        **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()},
-    }
+    wanted: dict[str, Any] = {"n": n, "seed": seed, "questions_per_image": questions, "max_shapes": max_shapes}
+    wanted["question_types"] = list(question_types)
     if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
         shutil.rmtree(path, ignore_errors=True)
-        generate(path, n, seed=seed, questions_per_image=questions, **options)
+        generate(
+            path, n, seed=seed, questions_per_image=questions, max_shapes=max_shapes, question_types=question_types
+        )
         stamp.write_text(json.dumps(wanted) + "\n")
     return path
 
@@ -252,9 +252,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     base = build_tiny_checkpoint(work / "base", seed=cfg.seed, cfg=PRESETS[cfg.preset])
     q = cfg.questions_per_image
     train_dir = _dataset(work / "train", cfg.train_images, cfg.train_seed, q)
-    one_dir = _dataset(
-        work / "one-shape", cfg.one_shape_images, cfg.one_shape_seed, 1, max_shapes=1, question_types=("shape",)
-    )
+    one_dir = _dataset(work / "one-shape", cfg.one_shape_images, cfg.one_shape_seed, 1, max_shapes=1, types=("shape",))
     held_dir = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed, q)
     stages = curriculum(cfg, one_dir, train_dir)
     load_before = os.getloadavg()
