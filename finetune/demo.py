@@ -178,14 +178,21 @@ def curriculum(cfg: DemoConfig, one_shape: Path, train_set: Path) -> list[Stage]
     ]
 
 
-def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) -> tuple[Path, list[Any], list[Path]]:
+Snapshot = tuple[Path, dict[str, Any]]
+"""A model directory and its ``{"minute", "step", "seconds"}`` counted from the start of stage 1."""
+
+
+def _train_stages(
+    cfg: DemoConfig, base: Path, stages: list[Stage], work: Path
+) -> tuple[Path, list[Any], list[Snapshot]]:
     """Train the stages in turn, each from the previous one's model; returns the last run directory, the
-    joined loss curve (steps and seconds counted from the start of stage 1) and the snapshot directories."""
+    joined loss curve (steps and seconds counted from the start of stage 1) and the snapshots. A curve
+    minute that a stage's budget ends before reaching (a stage boundary) is that stage's final model."""
     from finetune.train import train
 
     model, steps, seconds = base, 0, 0.0
     curve: list[Any] = []
-    snapshots: list[Path] = []
+    snapshots: list[Snapshot] = []
     run = work
     for number, stage in enumerate(stages, 1):
         if stage.minutes <= 0:
@@ -193,7 +200,7 @@ def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) 
         run = work / f"run-{number}"
         shutil.rmtree(run, ignore_errors=True)
         start = seconds / 60
-        marks = tuple(m - start for m in cfg.curve_minutes if start < m < start + stage.minutes)
+        marks = tuple(m - start for m in cfg.curve_minutes if start < m <= start + stage.minutes)
         log.info("stage %d/%d: %s, %.1f min, lr %g", number, len(stages), stage.name, stage.minutes, stage.lr)
         model = train(
             TrainConfig(
@@ -222,15 +229,17 @@ def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) 
             curve.append(
                 {**point, "step": point["step"] + steps, "seconds": point["seconds"] + seconds, "stage": number}
             )
-        for snap in sorted((run / "snapshots").glob("minute-*")):
-            info = json.loads((snap / "snapshot.json").read_text())
-            info.update(
-                minute=round(info["minute"] + start, 2), step=info["step"] + steps, seconds=info["seconds"] + seconds
-            )
-            (snap / "snapshot.json").write_text(json.dumps(info) + "\n")
-            snapshots.append(snap)
-        result = json.loads((run / "train_result.json").read_text())
-        steps, seconds = steps + int(result["steps"]), seconds + float(result["seconds"])
+        done = json.loads((run / "train_result.json").read_text())
+        for mark in marks:
+            snap = run / "snapshots" / f"minute-{mark:g}"
+            if snap.is_dir():
+                taken = json.loads((snap / "snapshot.json").read_text())
+                step, secs = int(taken["step"]), float(taken["seconds"])
+            else:  # the budget ended first: the stage's final model is the model at that minute
+                snap, step, secs = model, int(done["steps"]), float(done["seconds"])
+            info = {"minute": round(start + mark, 2), "step": steps + step, "seconds": round(seconds + secs, 2)}
+            snapshots.append((snap, info))
+        steps, seconds = steps + int(done["steps"]), seconds + float(done["seconds"])
     (work / "train_result.json").write_text(json.dumps({"steps": steps, "seconds": round(seconds, 1)}) + "\n")
     return run, curve, snapshots
 
@@ -269,8 +278,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     sub_ids = {im.path for im in subset.images}
     sub_vqa = [r for r in held_vqa if r.image in sub_ids]
     points = []
-    for snap in snapshots:
-        info = json.loads((snap / "snapshot.json").read_text())
+    for snap, info in snapshots:
         scores = asyncio.run(_score(snap, subset, sub_vqa, None, 0))
         points.append({**info, "map_50": scores["detection"]["map_50"], "vqa": scores["vqa"]["accuracy"]})
     final_sub = asyncio.run(_score(out, subset, sub_vqa, None, 0))

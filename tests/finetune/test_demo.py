@@ -12,7 +12,7 @@ def test_demo_runs_the_curriculum_and_reports(tmp_path: Path) -> None:
     cfg = DemoConfig(
         out=str(tmp_path / "model"), report=str(tmp_path / "report"), work=str(tmp_path / "work"),
         train_images=16, one_shape_images=16, heldout_images=6, max_minutes=0.3, shape_minutes=0.05,
-        one_shape_minutes=0.05, curve_minutes=(0.08,), curve_images=4, pictures=2, batch_size=4, threads=2,
+        one_shape_minutes=0.05, curve_minutes=(0.05, 0.12), curve_images=4, pictures=2, batch_size=4, threads=2,
     )  # fmt: skip
     report = run_demo(cfg)
 
@@ -25,6 +25,7 @@ def test_demo_runs_the_curriculum_and_reports(tmp_path: Path) -> None:
     assert {p["stage"] for p in curve["loss"]} <= {1, 2, 3}
     steps = [p["step"] for p in curve["loss"]]
     assert steps == sorted(steps)  # stages continue each other's step count
+    assert [p.get("minute") for p in curve["heldout"]] == [0.05, 0.12, None]  # 0.05: a stage boundary
     assert curve["heldout"][-1]["step"] == report["training"]["steps"]
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert (tmp_path / "report" / "learning_curve.png").is_file()
