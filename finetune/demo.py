@@ -129,13 +129,12 @@ class DemoConfig:
 
 @dataclass(frozen=True)
 class Stage:
-    """One curriculum stage: a synthetic set, which of its examples, for how long, at which rate."""
+    """One curriculum stage: a synthetic set (its questions always, its boxes if ``detection``), for how
+    long, at which rate."""
 
     name: str
     data: Path
     detection: bool
-    vqa: str | None
-    """The VQA JSONL file to train on, if any."""
     minutes: float
     lr: float
 
@@ -172,9 +171,9 @@ def curriculum(cfg: DemoConfig, one_shape: Path, train_set: Path) -> list[Stage]
     """The three stages (module docstring); stage 3 runs for what is left of ``max_minutes``."""
     rest = cfg.max_minutes - cfg.shape_minutes - cfg.one_shape_minutes
     return [
-        Stage("shape questions", one_shape, False, str(one_shape / "vqa.jsonl"), cfg.shape_minutes, cfg.shape_lr),
-        Stage("one shape", one_shape, True, str(one_shape / "vqa.jsonl"), cfg.one_shape_minutes, cfg.lr),
-        Stage("1-4 shapes", train_set, True, str(train_set / "vqa.jsonl"), rest, cfg.lr),
+        Stage("shape questions", one_shape, False, cfg.shape_minutes, cfg.shape_lr),
+        Stage("one shape", one_shape, True, cfg.one_shape_minutes, cfg.lr),
+        Stage("1-4 shapes", train_set, True, rest, cfg.lr),
     ]
 
 
@@ -208,7 +207,7 @@ def _train_stages(
                 out=str(run),
                 method="full",
                 coco=(str(stage.data / "annotations.json"),) if stage.detection else (),
-                vqa=(stage.vqa,) if stage.vqa else (),
+                vqa=(str(stage.data / "vqa.jsonl"),),
                 absent_per_image=cfg.absent_per_image,
                 loc_stride=cfg.loc_stride,
                 lr=stage.lr,
