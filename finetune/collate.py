@@ -10,8 +10,8 @@ and 1 on suffix + eos, and ``labels`` = input ids with -100 wherever the type is
 ``token_type_ids`` stay in the batch: the model builds the bidirectional prefix block from them.
 With ``trim_logits`` (the default) the batch also carries transformers' ``logits_to_keep``, and ``labels``
 are cut to match: the language-model head then runs only from the first suffix position on, not over
-the image tokens and the prompt. Same loss; on the tiny CPU model a training step is about a third cheaper,
-and with a real 257k-token vocabulary it saves gigabytes of logits per batch.
+the image tokens and the prompt. Same loss; on the tiny CPU model a 32-example step took 0.16 s instead
+of 0.19 s, and with a real 257k-token vocabulary the full logits of a batch would take gigabytes.
 ``truncation="only_second"`` means only the suffix is ever cut, never the image tokens or the prompt.
 """
 
