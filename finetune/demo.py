@@ -8,8 +8,8 @@ layout, then evaluate it on the held-out set through the transformers service en
 baselines (:mod:`finetune.metrics`).
 
 Why a curriculum (measured, see the README): trained on detection alone, the tiny model learns where the
-shapes are but never which shape is which (the label token's loss stays at ln 3 for 10 minutes: the label
-is one token in six, and the boxes' gradient drowns it). Shape questions alone (``what shape is the red
+shapes are but not which shape is which (the label token's loss stays at ln 3 for 10 minutes; likely
+because the label is one token in six and the boxes' gradient dominates). Shape questions alone (``what shape is the red
 one?``) teach it within two minutes at a lower learning rate. So: (1) shape questions on one-shape images,
 (2) detection plus shape questions on one-shape images, (3) detection plus all question types on 1-4
 shapes, for the rest of the budget.
