@@ -104,6 +104,9 @@ class TrainConfig(DataConfig):
     """Passes over the data when --max-steps is -1."""
     max_minutes: float | None = None
     """Wall-clock training budget; training stops cleanly (and saves) when it is spent."""
+    decay_minutes: float = 0.0
+    """With --max-minutes: scale the learning rate linearly down to 0 over the budget's last N minutes
+    (warmup-stable-decay; a time budget has no step count that a step-based schedule could decay to)."""
     max_length: int = 256
     """Longest tokenized example; only the suffix is ever truncated."""
     logging_steps: int = 10
@@ -144,6 +147,8 @@ class TrainConfig(DataConfig):
             raise ValueError(f"{flag('lr')} must be positive, got {self.lr}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"{flag('max_minutes')} must be positive, got {self.max_minutes}")
+        if self.decay_minutes < 0 or (self.decay_minutes and self.max_minutes is None):
+            raise ValueError(f"{flag('decay_minutes')} must be >= 0 and needs {flag('max_minutes')}")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ValueError(f"give {flag('max_steps')} or a positive {flag('epochs')}")
 

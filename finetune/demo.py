@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -64,6 +64,9 @@ class DemoConfig:
     """Base model, synthetic data, training runs and snapshots."""
     preset: Literal["tiny", "small", "medium", "fine"] = "tiny"
     """Model shape (see finetune.demo.PRESETS)."""
+    sinusoid_locs: bool = True
+    """Start the base's <locNNNN> embeddings as sinusoids of the bin, not noise (see
+    paligemma.checkpoint.TinyConfig)."""
     train_images: int = 6000
     """Synthetic training images with 1-4 shapes (seed --train-seed)."""
     one_shape_images: int = 6000
@@ -88,6 +91,8 @@ class DemoConfig:
     """Learning rate of stage 1 (at 1e-3 the shape answer stays at chance)."""
     lr: float = 1e-3
     """Learning rate of stages 2 and 3 (AdamW, constant after warm-up)."""
+    decay_minutes: float = 2.5
+    """Stage 3's last minutes, over which its learning rate decays linearly to 0."""
     warmup_steps: int = 20
     """Linear warm-up steps at the start of each stage."""
     threads: int = 2
@@ -137,6 +142,7 @@ class Stage:
     detection: bool
     minutes: float
     lr: float
+    decay_minutes: float = 0.0
 
 
 def _dataset(path: Path, n: int, seed: int, questions: int, max_shapes: int = 4, types: tuple[str, ...] = ()) -> Path:
@@ -173,7 +179,7 @@ def curriculum(cfg: DemoConfig, one_shape: Path, train_set: Path) -> list[Stage]
     return [
         Stage("shape questions", one_shape, False, cfg.shape_minutes, cfg.shape_lr),
         Stage("one shape", one_shape, True, cfg.one_shape_minutes, cfg.lr),
-        Stage("1-4 shapes", train_set, True, rest, cfg.lr),
+        Stage("1-4 shapes", train_set, True, rest, cfg.lr, min(cfg.decay_minutes, rest)),
     ]
 
 
@@ -216,6 +222,7 @@ def _train_stages(
                 batch_size=cfg.batch_size,
                 max_steps=1_000_000,  # the minute budget ends the stage
                 max_minutes=stage.minutes,
+                decay_minutes=stage.decay_minutes,
                 threads=cfg.threads,
                 seed=cfg.seed,
                 logging_steps=10,
@@ -257,7 +264,8 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     from finetune.plot import learning_curve_png
 
     torch.set_num_threads(cfg.threads)
-    base = build_tiny_checkpoint(work / "base", seed=cfg.seed, cfg=PRESETS[cfg.preset])
+    shape = replace(PRESETS[cfg.preset], sinusoid_locs=cfg.sinusoid_locs)
+    base = build_tiny_checkpoint(work / "base", seed=cfg.seed, cfg=shape)
     q = cfg.questions_per_image
     train_dir = _dataset(work / "train", cfg.train_images, cfg.train_seed, q)
     one_dir = _dataset(work / "one-shape", cfg.one_shape_images, cfg.one_shape_seed, 1, max_shapes=1, types=("shape",))
@@ -288,7 +296,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     train_vqa = load_vqa(train_dir / "vqa.jsonl")
     report = {
         "recipe": to_json(cfg),
-        "model_shape": to_json(PRESETS[cfg.preset]),
+        "model_shape": to_json(shape),
         "stages": [to_json(s) for s in stages],
         "training": {
             "steps": steps,

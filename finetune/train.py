@@ -3,8 +3,9 @@
 The Trainer (not a hand-written loop) gives checkpoints, resume, the progress bar, bf16 autocast, gradient
 checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this
 module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.collate`), the method (peft LoRA on
-the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a wall-clock budget, a
-learning curve and snapshots at fixed training minutes. Output layout of ``cfg.out``::
+the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a wall-clock budget with
+an optional learning-rate decay over its last minutes, a learning curve and snapshots at fixed training
+minutes. Output layout of ``cfg.out``::
 
     train_config.json      the config, with the resolved base model path (merge reads it)
     learning_curve.json    {"step", "seconds", "loss", ...} every --logging-steps
@@ -24,9 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
 from transformers import (
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
+    ProgressCallback,
     Trainer,
     TrainerCallback,
     TrainerControl,
@@ -133,6 +137,53 @@ class Budget(TrainerCallback):
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
+    def decay_factor(self, decay_minutes: float) -> float:
+        """1 until the budget's last ``decay_minutes``, then linearly down to 0 when it is spent."""
+        if self.minutes is None or decay_minutes <= 0:
+            return 1.0
+        left = self.minutes * 60 - self.elapsed()
+        return min(1.0, max(0.0, left / (decay_minutes * 60)))
+
+
+class BudgetTrainer(Trainer):
+    """A ``Trainer`` whose lr schedule is also multiplied by :meth:`Budget.decay_factor`, so the rate it
+    logs is the rate it uses."""
+
+    def __init__(self, *args: Any, budget: Budget, decay_minutes: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.budget, self.decay_minutes = budget, decay_minutes
+
+    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        scheduler = super().create_scheduler(num_training_steps, optimizer)
+        if self.decay_minutes > 0 and isinstance(scheduler, LambdaLR) and not hasattr(scheduler, "budget_decay"):
+            scheduler.budget_decay = True  # type: ignore[attr-defined]  # called again on resume: wrap once
+            factor = self.budget.decay_factor
+            scheduler.lr_lambdas = [
+                lambda step, f=f: f(step) * factor(self.decay_minutes) for f in scheduler.lr_lambdas
+            ]
+        return scheduler
+
+
+class BudgetProgress(ProgressCallback):
+    """The progress bar of a run with a time budget: it fills with whichever ends the run first, the steps
+    or the minutes (with only the steps, a minute-bound run shows an ETA of days)."""
+
+    def __init__(self, budget: Budget) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero:
+            form = "{l_bar}{bar}| {n:.0f}/{total} % [{elapsed}<{remaining}{postfix}]"
+            self.training_bar = tqdm(total=100, bar_format=form, dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and self.budget.minutes:
+            done = max(state.global_step / state.max_steps, self.budget.elapsed() / (self.budget.minutes * 60))
+            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.training_bar.update(min(100.0, 100 * done) - self.training_bar.n)
+
 
 class Curve(TrainerCallback):
     """Writes every logged loss with its step and training seconds to ``learning_curve.json``."""
@@ -211,13 +262,17 @@ def train(cfg: TrainConfig) -> Path:
     callbacks: list[TrainerCallback] = [budget, Curve(out / "learning_curve.json", budget)]
     if cfg.snapshot_minutes:
         callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_minutes, budget, processor))
-    trainer = Trainer(
+    trainer = BudgetTrainer(
+        budget=budget,
+        decay_minutes=cfg.decay_minutes,
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
         data_collator=PaliGemmaCollator(processor, cfg.max_length),
         callbacks=callbacks,
     )
+    if cfg.max_minutes and trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BudgetProgress(budget))
     resume = get_last_checkpoint(str(out)) if cfg.resume else None  # type: ignore[no-untyped-call]
     if cfg.resume and resume is None:
         log.warning("%s: no checkpoint-N in %s, starting from scratch", flag("resume"), out)

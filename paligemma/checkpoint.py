@@ -16,6 +16,7 @@ transformers and torch are imported inside the functions so importing ``paligemm
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,6 +59,10 @@ class TinyConfig:
     init_std: float | None = None
     """Std of the random weight matrices; None keeps transformers' 0.02. Around 0.3 makes greedy output
     vary from token to token (at 0.02 a random model repeats ``"\n"``), which parity tests need."""
+    sinusoid_locs: bool = False
+    """Start the ``<locNNNN>`` embeddings (tied to the output head) as sinusoids of the bin index instead
+    of noise: neighbouring bins then start close, so a box learned for one bin carries to its neighbours
+    and a from-scratch model need not learn each of the 1,024 bins on its own."""
 
     @property
     def image_seq_length(self) -> int:
@@ -146,7 +151,23 @@ def build_tiny_model(tokenizer: Any, cfg: TinyConfig, seed: int) -> PaliGemmaFor
             for param in model.parameters():
                 if param.dim() >= 2:
                     param.normal_(0.0, cfg.init_std)
+    if cfg.sinusoid_locs:
+        with torch.no_grad():
+            embedding = model.get_input_embeddings().weight
+            ids = tokenizer.convert_tokens_to_ids(list(LOC_TOKENS))
+            rows = sinusoid_rows(len(LOC_TOKENS), cfg.text_hidden)
+            embedding[ids] = rows * (embedding.norm(dim=1).mean() / rows.norm(dim=1).mean())  # the init's scale
     return model.eval()
+
+
+def sinusoid_rows(count: int, width: int) -> torch.Tensor:
+    """``count`` rows of ``sin``/``cos`` of the row index at ``width // 2`` frequencies, with periods spaced
+    geometrically from four times ``count`` (smooth over the whole range) down to 8 rows."""
+    import torch
+
+    periods = torch.logspace(math.log10(4 * count), math.log10(8), width // 2, dtype=torch.float64)
+    angles = torch.arange(count, dtype=torch.float64)[:, None] * (2 * math.pi / periods)[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
 def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:

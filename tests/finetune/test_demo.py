@@ -18,6 +18,8 @@ def test_demo_runs_the_curriculum_and_reports(tmp_path: Path) -> None:
 
     assert [s["name"] for s in report["stages"]] == ["shape questions", "one shape", "1-4 shapes"]
     assert report["stages"][2]["minutes"] == 0.3 - 0.05 - 0.05
+    assert [s["decay_minutes"] for s in report["stages"]] == [0.0, 0.0, 0.3 - 0.05 - 0.05]  # capped to the stage
+    assert report["model_shape"]["sinusoid_locs"] is True
     work = tmp_path / "work"
     for number in (1, 2, 3):
         assert json.loads((work / f"run-{number}" / "train_result.json").read_text())["steps"] >= 1

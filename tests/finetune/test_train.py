@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from finetune.collate import ExampleDataset, PaliGemmaCollator
 from finetune.config import TrainConfig
 from finetune.data import detection_examples, load_coco
-from finetune.train import LANGUAGE_MODEL_PATTERN, train
+from finetune.train import LANGUAGE_MODEL_PATTERN, Budget, train
 
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -104,9 +105,38 @@ def test_qlora_without_a_gpu_says_so(tiny_checkpoint: Path, shapes: Path, tmp_pa
         ({"max_minutes": 0.0}, "--max-minutes must be positive"),
         ({"synonyms": ("sq",)}, "--synonyms entries look like RAW=CANONICAL"),
         ({"loc_stride": 0}, "--loc-stride must be between 1 and 64"),
+        ({"decay_minutes": 1.0}, "--decay-minutes must be >= 0 and needs --max-minutes"),
     ],
 )
 def test_config_errors_name_the_flag(overrides: dict[str, object], message: str) -> None:
     values: dict[str, object] = {"base": "b", "out": "o", "vqa": ("v.jsonl",), **overrides}
     with pytest.raises(ValueError, match=message):
         TrainConfig(**values)  # type: ignore[arg-type]
+
+
+def test_budget_decay_factor_falls_linearly_over_the_last_minutes() -> None:
+    budget = Budget(minutes=1.0)
+    budget.start = time.monotonic() - 15  # 45 s of the 60 left
+    assert budget.decay_factor(0.5) == 1.0  # the decay covers only the last 30 s
+    budget.start = time.monotonic() - 45  # 15 s left of a 30-s decay
+    assert budget.decay_factor(0.5) == pytest.approx(0.5, abs=0.01)
+    budget.start = time.monotonic() - 70
+    assert budget.decay_factor(0.5) == 0.0
+    assert Budget(minutes=None).decay_factor(0.5) == 1.0
+
+
+def test_a_time_budget_decays_the_rate_it_logs_and_shows_minutes(
+    tiny_checkpoint: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = TrainConfig(
+        base=str(tiny_checkpoint), out=str(tmp_path / "run"), method="full", vqa=(str(shapes / "vqa.jsonl"),),
+        batch_size=2, max_steps=1_000_000, max_minutes=0.1, decay_minutes=0.05, lr=1e-3, logging_steps=1,
+        threads=2, seed=0,
+    )  # fmt: skip
+    train(cfg)
+    rates = [p["learning_rate"] for p in json.loads((tmp_path / "run" / "learning_curve.json").read_text())]
+    assert rates[0] == pytest.approx(1e-3)  # constant until the last 3 s
+    assert rates[-1] < 2e-4  # then down towards 0 at the end of the 6-s budget
+    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    bar = capsys.readouterr().err
+    assert "100/100 %" in bar and f"step {len(rates)}" in bar  # the bar counts the minutes, not 1,000,000 steps

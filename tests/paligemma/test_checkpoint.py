@@ -81,3 +81,22 @@ def test_parse_from_token_ids_matches_text_and_scores(loaded) -> None:  # type: 
         "red",
         "circle",
     ]
+
+
+def test_sinusoid_locs_start_neighbouring_bins_close(tmp_path: Path) -> None:
+    import torch
+    from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
+
+    from paligemma.checkpoint import TinyConfig, build_tiny_checkpoint
+    from paligemma.tokens import LOC_TOKENS
+
+    path = build_tiny_checkpoint(tmp_path, seed=0, cfg=TinyConfig(sinusoid_locs=True))
+    model = PaliGemmaForConditionalGeneration.from_pretrained(path)  # the rows survive save and load
+    ids = PaliGemmaProcessor.from_pretrained(path).tokenizer.convert_tokens_to_ids(list(LOC_TOKENS))
+    rows = model.get_input_embeddings().weight[ids].detach()
+    similarity = torch.nn.functional.cosine_similarity(rows[500:501], rows, dim=1)
+    assert similarity[500] == pytest.approx(1.0)
+    assert similarity[501] > 0.95 > similarity[510] > similarity[550] > similarity[1000]
+    other = model.get_input_embeddings().weight[: ids[0]].detach().norm(dim=1)[1:]  # row 0 is <pad>'s zeros
+    assert float(rows.norm(dim=1).mean()) == pytest.approx(float(other.mean()), rel=0.02)  # the init's scale
+
