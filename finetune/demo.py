@@ -189,12 +189,21 @@ Snapshot = tuple[Path, dict[str, Any]]
 """A model directory and its ``{"minute", "step", "seconds"}`` counted from the start of stage 1."""
 
 
-def _train_stages(
-    cfg: DemoConfig, base: Path, stages: list[Stage], work: Path
-) -> tuple[Path, list[Any], list[Snapshot]]:
-    """Train the stages in turn, each from the previous one's model; returns the last run directory, the
-    joined loss curve (steps and seconds counted from the start of stage 1) and the snapshots. A curve
-    minute that a stage's budget ends before reaching (a stage boundary) is that stage's final model."""
+@dataclass
+class Trained:
+    """What :func:`_train_stages` did: the last run directory, the joined loss curve (steps and seconds
+    counted from the start of stage 1), the snapshots and the totals."""
+
+    run: Path
+    curve: list[Any]
+    snapshots: list[Snapshot]
+    steps: int
+    seconds: float
+
+
+def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) -> Trained:
+    """Train the stages in turn, each from the previous one's model. A curve minute that a stage's budget
+    ends before reaching (a stage boundary) is that stage's final model."""
     from finetune.train import train
 
     model, steps, seconds = base, 0, 0.0
@@ -248,8 +257,7 @@ def _train_stages(
             info = {"minute": round(start + mark, 2), "step": steps + step, "seconds": round(seconds + secs, 2)}
             snapshots.append((snap, info))
         steps, seconds = steps + int(done["steps"]), seconds + float(done["seconds"])
-    (work / "train_result.json").write_text(json.dumps({"steps": steps, "seconds": round(seconds, 1)}) + "\n")
-    return run, curve, snapshots
+    return Trained(run, curve, snapshots, steps, seconds)
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
@@ -274,11 +282,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     held_dir = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed, q)
     stages = curriculum(cfg, one_dir, train_dir)
     load_before = os.getloadavg()
-    run, curve, snapshots = _train_stages(cfg, base, stages, work)
+    trained = _train_stages(cfg, base, stages, work)
     load_after = os.getloadavg()
-    merge(MergeConfig(run=str(run), out=str(out), dtype="float32", force=True))
-    trained = json.loads((work / "train_result.json").read_text())
-    steps, train_seconds = int(trained["steps"]), float(trained["seconds"])
+    merge(MergeConfig(run=str(trained.run), out=str(out), dtype="float32", force=True))
+    steps, train_seconds, curve = trained.steps, trained.seconds, trained.curve
 
     heldout = load_coco(held_dir / "annotations.json")
     held_vqa = load_vqa(held_dir / "vqa.jsonl")
@@ -287,7 +294,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     sub_ids = {im.path for im in subset.images}
     sub_vqa = [r for r in held_vqa if r.image in sub_ids]
     points = []
-    for snap, info in snapshots:
+    for snap, info in trained.snapshots:
         scores = asyncio.run(_score(snap, subset, sub_vqa, None, 0))
         points.append({**info, "map_50": scores["detection"]["map_50"], "vqa": scores["vqa"]["accuracy"]})
     final_sub = asyncio.run(_score(out, subset, sub_vqa, None, 0))
