@@ -2,7 +2,9 @@
 
 Each inference handler is the same four steps: read and validate the fields (cheap, before any decoding),
 build the prefix with :mod:`paligemma.prompts`, decode the image in the pool, call the engine through
-``EngineDep``. Handlers hold no model code; engines hold no HTTP code.
+``EngineDep``. Handlers hold no model code; engines hold no HTTP code. The helpers without a leading
+underscore (``ERROR_RESPONSES``, ``body_docs``, ``decode_and_generate``, ``usage_of``, ``elapsed_ms``) are
+shared with :mod:`service.segment_routes`.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from service.schemas import (
 router = APIRouter()
 TIMEOUT_HEADER = "X-Request-Timeout"
 
-_ERRORS: dict[int | str, dict[str, Any]] = {
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse, "description": text}
     for status, text in (
         (400, "Unreadable body or image"),
@@ -57,7 +59,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _body_docs(params: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
+def body_docs(params: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI request body for both content types (the handlers parse the body themselves)."""
     form = params.model_json_schema()
     form["properties"] = {
@@ -120,7 +122,7 @@ def _deadline_s(request: Request, state: ServiceState) -> float:
     return min(asked, limit)
 
 
-async def _decode_and_generate(
+async def decode_and_generate(
     request: Request,
     state: ServiceState,
     engine: Engine,
@@ -135,19 +137,19 @@ async def _decode_and_generate(
     return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
 
 
-def _usage(generation: Generation) -> Usage:
+def usage_of(generation: Generation) -> Usage:
     return Usage(prompt_tokens=generation.prompt_tokens, completion_tokens=generation.completion_tokens)
 
 
-def _ms(start: float) -> float:
+def elapsed_ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000, 1)
 
 
 @router.post(
     "/detect",
     response_model=DetectResponse,
-    responses={**_ERRORS, **PNG_RESPONSE},
-    openapi_extra=_body_docs(DetectParams, DetectJSON),
+    responses={**ERROR_RESPONSES, **PNG_RESPONSE},
+    openapi_extra=body_docs(DetectParams, DetectJSON),
     summary="Boxes for the named objects",
     tags=["inference"],
 )
@@ -161,7 +163,7 @@ async def detect(
     start = time.perf_counter()
     params, data = await read_request(request, DetectParams, state.limits)
     objects = prompts.split_objects(params.objects)
-    image, generation = await _decode_and_generate(request, state, engine, prompts.detect(objects), params, data)
+    image, generation = await decode_and_generate(request, state, engine, prompts.detect(objects), params, data)
     if state.special_ids is None:
         raise Unavailable()
     detections, dropped = build_detections(
@@ -176,16 +178,16 @@ async def detect(
         image=ImageInfo(width=image.width, height=image.height),
         model=engine.model_name,
         text=generation.text,
-        usage=_usage(generation),
-        latency_ms=_ms(start),
+        usage=usage_of(generation),
+        latency_ms=elapsed_ms(start),
     )
 
 
 @router.post(
     "/vqa",
     response_model=VQAResponse,
-    responses=_ERRORS,
-    openapi_extra=_body_docs(VQAParams, VQAJSON),
+    responses=ERROR_RESPONSES,
+    openapi_extra=body_docs(VQAParams, VQAJSON),
     summary="Answer a question about the image",
     tags=["inference"],
 )
@@ -194,14 +196,14 @@ async def vqa(request: Request, state: StateDep, engine: EngineDep) -> VQARespon
     start = time.perf_counter()
     params, data = await read_request(request, VQAParams, state.limits)
     prefix = prompts.answer(params.question, params.lang)
-    _, generation = await _decode_and_generate(request, state, engine, prefix, params, data)
+    _, generation = await decode_and_generate(request, state, engine, prefix, params, data)
     return VQAResponse(
         answer=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),
         model=engine.model_name,
         text=generation.text,
-        usage=_usage(generation),
-        latency_ms=_ms(start),
+        usage=usage_of(generation),
+        latency_ms=elapsed_ms(start),
     )
 
 
@@ -209,21 +211,21 @@ async def _text_task(
     request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
 ) -> TextResponse:
     start = time.perf_counter()
-    _, generation = await _decode_and_generate(request, state, engine, prefix, params, data)
+    _, generation = await decode_and_generate(request, state, engine, prefix, params, data)
     return TextResponse(
         text=generation.text.strip(),
         score=score_from_logprobs(generation.logprobs),
         model=engine.model_name,
-        usage=_usage(generation),
-        latency_ms=_ms(start),
+        usage=usage_of(generation),
+        latency_ms=elapsed_ms(start),
     )
 
 
 @router.post(
     "/caption",
     response_model=TextResponse,
-    responses=_ERRORS,
-    openapi_extra=_body_docs(CaptionParams, CaptionJSON),
+    responses=ERROR_RESPONSES,
+    openapi_extra=body_docs(CaptionParams, CaptionJSON),
     summary="Caption the image",
     tags=["inference"],
 )
@@ -237,8 +239,8 @@ async def caption(request: Request, state: StateDep, engine: EngineDep) -> TextR
 @router.post(
     "/ocr",
     response_model=TextResponse,
-    responses=_ERRORS,
-    openapi_extra=_body_docs(OCRParams, OCRJSON),
+    responses=ERROR_RESPONSES,
+    openapi_extra=body_docs(OCRParams, OCRJSON),
     summary="Read the text in the image",
     tags=["inference"],
 )

@@ -22,7 +22,7 @@ from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png
 from service.deps import EngineDep, StateDep, get_state
 from service.errors import Unavailable
 from service.intake import read_request
-from service.routes import _ERRORS, _body_docs, _decode_and_generate, _ms, _usage
+from service.routes import ERROR_RESPONSES, body_docs, decode_and_generate, elapsed_ms, usage_of
 from service.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
 from service.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
 
@@ -41,9 +41,9 @@ def get_mask_decoder(request: Request) -> MaskDecoder:
 
 DecoderDep = Annotated[MaskDecoder, Depends(get_mask_decoder)]
 _SEGMENT_ERRORS = {
-    **_ERRORS,
+    **ERROR_RESPONSES,
     503: {
-        **_ERRORS[503],
+        **ERROR_RESPONSES[503],
         "description": "Model not ready, overloaded or unavailable; or `segmentation_not_configured`: the server "
         "was started without the mask decoder weights (--segmentation-weights / PALIGEMMA_SEGMENTATION_WEIGHTS)",
     },
@@ -54,7 +54,7 @@ _SEGMENT_ERRORS = {
     "/segment",
     response_model=SegmentResponse,
     responses={**_SEGMENT_ERRORS, **PNG_RESPONSE},
-    openapi_extra=_body_docs(SegmentParams, SegmentJSON),
+    openapi_extra=body_docs(SegmentParams, SegmentJSON),
     summary="Boxes and masks for the named objects",
     tags=["inference"],
 )
@@ -74,7 +74,7 @@ async def segment(
     prefix = prompts.segment(objects)
     settings = state.settings
     budget = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
-    image, generation = await _decode_and_generate(request, state, engine, prefix, params, data, budget)
+    image, generation = await decode_and_generate(request, state, engine, prefix, params, data, budget)
     if state.special_ids is None:
         raise Unavailable()
     detections, parsed, dropped = await asyncio.to_thread(
@@ -97,8 +97,8 @@ async def segment(
         image=ImageInfo(width=image.width, height=image.height),
         model=engine.model_name,
         text=generation.text,
-        usage=_usage(generation),
-        latency_ms=_ms(start),
+        usage=usage_of(generation),
+        latency_ms=elapsed_ms(start),
     )
 
 

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -28,11 +29,12 @@ def free_port() -> int:
 class ServiceProcess:
     """``with ServiceProcess(checkpoint, max_concurrent_requests=2) as server: httpx.get(server.url + ...)``.
 
-    Keyword settings become ``PALIGEMMA_*`` variables (the same path the deploy files use). Output goes to
-    a log file, read back by :meth:`log` (a pipe nobody reads would block the server once full).
+    Keyword settings become ``PALIGEMMA_*`` variables (the same path the deploy files use); ``args`` are
+    extra command-line flags, which win over the variables. Output goes to a log file, read back by
+    :meth:`log` (a pipe nobody reads would block the server once full).
     """
 
-    def __init__(self, checkpoint: Path, **settings: object) -> None:
+    def __init__(self, checkpoint: Path, args: Sequence[str] = (), **settings: object) -> None:
         engine = str(settings.pop("engine", "transformers"))
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -43,7 +45,7 @@ class ServiceProcess:
             env.setdefault("OMP_NUM_THREADS", "1")
         self._log = tempfile.NamedTemporaryFile(prefix="service-", suffix=".log", delete=False)  # noqa: SIM115
         command = [sys.executable, "-m", "service", "--model", str(checkpoint), "--engine", engine]
-        command += ["--host", "127.0.0.1", "--port", str(self.port)]
+        command += ["--host", "127.0.0.1", "--port", str(self.port), *args]
         self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     def log(self) -> str:

@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
-import socket
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,56 +15,19 @@ import pytest
 from PIL import Image
 
 from service.client import AsyncClient, Client, ServiceHTTPError
+from tests.reliability.server import ServiceProcess
 from tests.service.conftest import image_bytes
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_checkpoint: Path) -> Iterator[str]:
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model",
-        str(tiny_checkpoint),
-        "--engine",
-        "transformers",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--max-new-tokens",
-        "5",
-        "--log-level",
-        "warning",
-    ]
-    env = {**os.environ, "PALIGEMMA_MAX_BATCH_SIZE": "4"}  # settings from the environment, too
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            assert process.poll() is None, process.stdout.read().decode()[-2000:]  # type: ignore[union-attr]
-            try:
-                if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        else:
-            pytest.fail("server did not become ready")
-        yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    """Flags on the command line (they win over the environment's PALIGEMMA_MAX_NEW_TOKENS=3), settings
+    from the environment too."""
+    flags = ("--max-new-tokens", "5", "--log-level", "warning")
+    with ServiceProcess(tiny_checkpoint, args=flags, max_batch_size=4) as process:
+        yield process.url
 
 
 def test_multipart_detect_over_tcp(server: str) -> None:
