@@ -120,10 +120,11 @@ def _checkpointing(cfg: TrainConfig) -> bool:
 
 
 class Budget(TrainerCallback):
-    """Stops training once ``minutes`` of training time have passed (the run then saves as usual)."""
+    """Stops training once ``minutes`` of training time have passed (the run then saves as usual); the
+    learning rate decays to 0 over the last ``decay_minutes`` (:meth:`decay_factor`)."""
 
-    def __init__(self, minutes: float | None) -> None:
-        self.minutes = minutes
+    def __init__(self, minutes: float | None, decay_minutes: float = 0.0) -> None:
+        self.minutes, self.decay_minutes = minutes, decay_minutes
         self.start = time.monotonic()
 
     def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
@@ -137,30 +138,28 @@ class Budget(TrainerCallback):
     def elapsed(self) -> float:
         return time.monotonic() - self.start
 
-    def decay_factor(self, decay_minutes: float) -> float:
+    def decay_factor(self) -> float:
         """1 until the budget's last ``decay_minutes``, then linearly down to 0 when it is spent."""
-        if self.minutes is None or decay_minutes <= 0:
+        if self.minutes is None or self.decay_minutes <= 0:
             return 1.0
         left = self.minutes * 60 - self.elapsed()
-        return min(1.0, max(0.0, left / (decay_minutes * 60)))
+        return min(1.0, max(0.0, left / (self.decay_minutes * 60)))
 
 
 class BudgetTrainer(Trainer):
     """A ``Trainer`` whose lr schedule is also multiplied by :meth:`Budget.decay_factor`, so the rate it
     logs is the rate it uses."""
 
-    def __init__(self, *args: Any, budget: Budget, decay_minutes: float, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, budget: Budget, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.budget, self.decay_minutes = budget, decay_minutes
+        self.budget = budget
 
     def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        fresh = self.lr_scheduler is None  # later calls return the scheduler already made (and wrapped)
         scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if self.decay_minutes > 0 and isinstance(scheduler, LambdaLR) and not hasattr(scheduler, "budget_decay"):
-            scheduler.budget_decay = True  # type: ignore[attr-defined]  # called again on resume: wrap once
+        if fresh and self.budget.decay_minutes > 0 and isinstance(scheduler, LambdaLR):
             factor = self.budget.decay_factor
-            scheduler.lr_lambdas = [
-                lambda step, f=f: f(step) * factor(self.decay_minutes) for f in scheduler.lr_lambdas
-            ]
+            scheduler.lr_lambdas = [lambda step, f=f: f(step) * factor() for f in scheduler.lr_lambdas]
         return scheduler
 
 
@@ -258,13 +257,12 @@ def train(cfg: TrainConfig) -> Path:
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
     )
-    budget = Budget(cfg.max_minutes)
+    budget = Budget(cfg.max_minutes, cfg.decay_minutes)
     callbacks: list[TrainerCallback] = [budget, Curve(out / "learning_curve.json", budget)]
     if cfg.snapshot_minutes:
         callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_minutes, budget, processor))
     trainer = BudgetTrainer(
         budget=budget,
-        decay_minutes=cfg.decay_minutes,
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),

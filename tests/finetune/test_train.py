@@ -115,14 +115,14 @@ def test_config_errors_name_the_flag(overrides: dict[str, object], message: str)
 
 
 def test_budget_decay_factor_falls_linearly_over_the_last_minutes() -> None:
-    budget = Budget(minutes=1.0)
+    budget = Budget(minutes=1.0, decay_minutes=0.5)
     budget.start = time.monotonic() - 15  # 45 s of the 60 left
-    assert budget.decay_factor(0.5) == 1.0  # the decay covers only the last 30 s
+    assert budget.decay_factor() == 1.0  # the decay covers only the last 30 s
     budget.start = time.monotonic() - 45  # 15 s left of a 30-s decay
-    assert budget.decay_factor(0.5) == pytest.approx(0.5, abs=0.01)
+    assert budget.decay_factor() == pytest.approx(0.5, abs=0.01)
     budget.start = time.monotonic() - 70
-    assert budget.decay_factor(0.5) == 0.0
-    assert Budget(minutes=None).decay_factor(0.5) == 1.0
+    assert budget.decay_factor() == 0.0
+    assert Budget(minutes=None, decay_minutes=0.5).decay_factor() == 1.0
 
 
 def test_a_time_budget_decays_the_rate_it_logs_and_shows_minutes(
