@@ -103,10 +103,11 @@ class TrainConfig(DataConfig):
     epochs: float = 1.0
     """Passes over the data when --max-steps is -1."""
     max_minutes: float | None = None
-    """Wall-clock training budget; training stops cleanly (and saves) when it is spent."""
-    decay_minutes: float = 0.0
-    """With --max-minutes: scale the learning rate linearly down to 0 over the budget's last N minutes
-    (warmup-stable-decay; a time budget has no step count that a step-based schedule could decay to)."""
+    """Wall-clock safety stop: training stops cleanly (and saves) when it is spent. What a run then
+    learns depends on the machine's speed, so recipes that figures or tests depend on bound steps instead."""
+    decay_steps: int = 0
+    """With --max-steps: the learning rate falls linearly to 0 over the last N steps (warmup-stable-decay,
+    transformers' ``warmup_stable_decay`` scheduler; replaces --scheduler)."""
     max_length: int = 256
     """Longest tokenized example; only the suffix is ever truncated."""
     logging_steps: int = 10
@@ -125,8 +126,8 @@ class TrainConfig(DataConfig):
     """auto: bf16 on a GPU that supports it, fp32 on CPU."""
     gradient_checkpointing: bool | None = None
     """None: on for GPU, off on CPU (where memory is not the limit)."""
-    snapshot_minutes: tuple[float, ...] = ()
-    """Also save the model at these training minutes (for a held-out learning curve)."""
+    snapshot_steps: tuple[int, ...] = ()
+    """Also save the model after these optimiser steps (for a held-out learning curve)."""
     workers: int = 0
     """DataLoader worker processes."""
 
@@ -147,8 +148,14 @@ class TrainConfig(DataConfig):
             raise ValueError(f"{flag('lr')} must be positive, got {self.lr}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise ValueError(f"{flag('max_minutes')} must be positive, got {self.max_minutes}")
-        if self.decay_minutes < 0 or (self.decay_minutes and self.max_minutes is None):
-            raise ValueError(f"{flag('decay_minutes')} must be >= 0 and needs {flag('max_minutes')}")
+        if self.decay_steps < 0 or (self.decay_steps and self.max_steps < self.warmup_steps + self.decay_steps):
+            raise ValueError(
+                f"{flag('decay_steps')} must be >= 0 and fit in {flag('max_steps')} after {flag('warmup_steps')}"
+            )
+        if self.decay_steps and self.scheduler != "constant_with_warmup":
+            raise ValueError(f"{flag('decay_steps')} sets the schedule itself: leave {flag('scheduler')} unset")
+        if any(step < 1 for step in self.snapshot_steps):
+            raise ValueError(f"{flag('snapshot_steps')} must be >= 1")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ValueError(f"give {flag('max_steps')} or a positive {flag('epochs')}")
 

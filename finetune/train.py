@@ -3,9 +3,9 @@
 The Trainer (not a hand-written loop) gives checkpoints, resume, the progress bar, bf16 autocast, gradient
 checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this
 module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.collate`), the method (peft LoRA on
-the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a wall-clock budget with
-an optional learning-rate decay over its last minutes, a learning curve and snapshots at fixed training
-minutes. Output layout of ``cfg.out``::
+the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a warmup-stable-decay
+schedule by steps, a wall-clock safety stop, a learning curve and snapshots after fixed steps. Output
+layout of ``cfg.out``::
 
     train_config.json      the config, with the resolved base model path (merge reads it)
     learning_curve.json    {"step", "seconds", "loss", ...} every --logging-steps
@@ -13,7 +13,7 @@ minutes. Output layout of ``cfg.out``::
     checkpoint-N/          Trainer checkpoints (resume)
     adapter/               lora/qlora: adapter + adapter_config.json (base_model_name_or_path) + processor
     model/                 full: the whole model in the hub layout (paligemma.checkpoint.save_checkpoint)
-    snapshots/minute-X/    --snapshot-minutes: the model (full) or adapter at that training minute
+    snapshots/step-N/      --snapshot-steps: the model (full) or adapter after step N (+ snapshot.json)
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import (
     PaliGemmaForConditionalGeneration,
@@ -120,47 +119,29 @@ def _checkpointing(cfg: TrainConfig) -> bool:
 
 
 class Budget(TrainerCallback):
-    """Stops training once ``minutes`` of training time have passed (the run then saves as usual); the
-    learning rate decays to 0 over the last ``decay_minutes`` (:meth:`decay_factor`)."""
+    """The wall-clock safety stop: ends training once ``minutes`` of training time have passed (the run
+    then saves as usual). Also the clock that the learning curve and snapshots report."""
 
-    def __init__(self, minutes: float | None, decay_minutes: float = 0.0) -> None:
-        self.minutes, self.decay_minutes = minutes, decay_minutes
+    def __init__(self, minutes: float | None) -> None:
+        self.minutes = minutes
         self.start = time.monotonic()
 
     def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
         self.start = time.monotonic()
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.minutes is not None and time.monotonic() - self.start >= self.minutes * 60:
-            log.info("training budget of %.1f min spent at step %d", self.minutes, state.global_step)
+        if self.minutes is not None and self.elapsed() >= self.minutes * 60:
+            log.warning(
+                "%s of %.1f min reached at step %d of %d: stopping early",
+                flag("max_minutes"),
+                self.minutes,
+                state.global_step,
+                state.max_steps,
+            )
             control.should_training_stop = True
 
     def elapsed(self) -> float:
         return time.monotonic() - self.start
-
-    def decay_factor(self) -> float:
-        """1 until the budget's last ``decay_minutes``, then linearly down to 0 when it is spent."""
-        if self.minutes is None or self.decay_minutes <= 0:
-            return 1.0
-        left = self.minutes * 60 - self.elapsed()
-        return min(1.0, max(0.0, left / (self.decay_minutes * 60)))
-
-
-class BudgetTrainer(Trainer):
-    """A ``Trainer`` whose lr schedule is also multiplied by :meth:`Budget.decay_factor`, so the rate it
-    logs is the rate it uses."""
-
-    def __init__(self, *args: Any, budget: Budget, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.budget = budget
-
-    def create_scheduler(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        fresh = self.lr_scheduler is None  # later calls return the scheduler already made (and wrapped)
-        scheduler = super().create_scheduler(num_training_steps, optimizer)
-        if fresh and self.budget.decay_minutes > 0 and isinstance(scheduler, LambdaLR):
-            factor = self.budget.decay_factor
-            scheduler.lr_lambdas = [lambda step, f=f: f(step) * factor() for f in scheduler.lr_lambdas]
-        return scheduler
 
 
 class BudgetProgress(ProgressCallback):
@@ -190,6 +171,10 @@ class Curve(TrainerCallback):
     def __init__(self, path: Path, budget: Budget) -> None:
         self.path, self.budget, self.points = path, budget, []  # type: ignore[var-annotated]
 
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero:  # a run shorter than --logging-steps still has its (empty) curve
+            self.path.write_text(json.dumps(self.points) + "\n")
+
     def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any) -> None:
         if logs and "loss" in logs and state.is_world_process_zero:
             point = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
@@ -199,17 +184,16 @@ class Curve(TrainerCallback):
 
 
 class Snapshots(TrainerCallback):
-    """Saves the model (full) or adapter at given training minutes, for a held-out learning curve."""
+    """Saves the model (full) or adapter after given optimiser steps, for a held-out learning curve."""
 
-    def __init__(self, out: Path, minutes: tuple[float, ...], budget: Budget, processor: Any) -> None:
-        self.out, self.marks, self.budget, self.processor = out, sorted(minutes), budget, processor
+    def __init__(self, out: Path, steps: tuple[int, ...], budget: Budget, processor: Any) -> None:
+        self.out, self.marks, self.budget, self.processor = out, set(steps), budget, processor
 
     def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.marks and self.budget.elapsed() >= self.marks[0] * 60 and state.is_world_process_zero:
-            minute = self.marks.pop(0)
-            path = self.out / f"minute-{minute:g}"
+        if state.global_step in self.marks and state.is_world_process_zero:
+            path = self.out / f"step-{state.global_step}"
             save_trained(kw["model"], self.processor, path)
-            info = {"minute": minute, "step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
+            info = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
             (path / "snapshot.json").write_text(json.dumps(info) + "\n")
 
 
@@ -240,7 +224,8 @@ def train(cfg: TrainConfig) -> Path:
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.scheduler,
+        lr_scheduler_type="warmup_stable_decay" if cfg.decay_steps else cfg.scheduler,
+        lr_scheduler_kwargs={"num_decay_steps": cfg.decay_steps, "decay_type": "linear"} if cfg.decay_steps else {},
         max_steps=cfg.max_steps,
         num_train_epochs=cfg.epochs,
         logging_steps=cfg.logging_steps,
@@ -257,12 +242,11 @@ def train(cfg: TrainConfig) -> Path:
         use_cpu=not torch.cuda.is_available(),
         report_to="none",
     )
-    budget = Budget(cfg.max_minutes, cfg.decay_minutes)
+    budget = Budget(cfg.max_minutes)
     callbacks: list[TrainerCallback] = [budget, Curve(out / "learning_curve.json", budget)]
-    if cfg.snapshot_minutes:
-        callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_minutes, budget, processor))
-    trainer = BudgetTrainer(
-        budget=budget,
+    if cfg.snapshot_steps:
+        callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_steps, budget, processor))
+    trainer = Trainer(
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),

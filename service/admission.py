@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from prometheus_client import Counter, Gauge
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_body
 from service.metrics import Metrics
@@ -158,12 +158,26 @@ class AdmissionMiddleware:
         if scope["type"] != "http" or is_exempt(scope):
             await self.app(scope, receive, send)
             return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
         try:
             async with self.admission.slot():
-                await self.app(scope, receive, send)
+                await self.app(scope, receive, tracking_send)
             return
         except Rejected as exc:
             rejected = exc
+        except asyncio.CancelledError:
+            if not self.admission.draining or started:
+                raise
+            # uvicorn cancels what is left after the drain and its grace; unanswered, it would send a bare 500
+            message = "cut off by the shutdown's drain timeout; retry on another replica"
+            await send_error(scope, send, 503, "draining", message, {"Retry-After": "5"})
+            return
         self.metrics.rejected.labels(rejected.reason).inc()
         code = "draining" if rejected.reason == "draining" else "overloaded"
         await send_error(scope, send, 503, code, rejected.message, {"Retry-After": str(rejected.retry_after_s)})

@@ -30,8 +30,10 @@ def varied_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shapes_checkpoint() -> Path:
-    """The tiny shape trained ~20 s on synthetic shapes (tests/shapes_model.py, cached): emits real boxes."""
-    from tests.shapes_model import cached_shapes_model
+def demo_checkpoint() -> Path:
+    """The committed demo model (models/demo, tests/demo_model.py): emits real boxes on synthetic shapes."""
+    from tests.demo_model import DEMO_MODEL
 
-    return cached_shapes_model()
+    if not (DEMO_MODEL / "model.safetensors").is_file():
+        pytest.fail(f"{DEMO_MODEL} holds no model.safetensors: it is committed with the repository")
+    return DEMO_MODEL

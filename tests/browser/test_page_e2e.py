@@ -1,6 +1,6 @@
 """The page end to end: ``python -m service`` on a free port, headless Chromium on ``http://127.0.0.1:PORT/``.
 
-Nothing is mocked. The model is ``shapes_checkpoint``: a tiny PaliGemma trained for a few hundred steps
+Nothing is mocked. The model is ``demo_checkpoint``: a tiny PaliGemma trained for a few hundred steps
 on synthetic shapes by ``finetune.train`` (tests/shapes_model.py), served by the transformers engine in a
 real uvicorn process. A random checkpoint would almost never emit the loc tokens a box needs; this one
 has learned the detection grammar, so the page gets real boxes from a real model. The image and object
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import pytest
 
-from tests.shapes_model import find_detection
+from tests.demo_model import find_detection
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -46,7 +46,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Base URL of a real ``python -m service`` process (stopped with SIGTERM afterwards)."""
-    model = os.environ.get("PALIGEMMA_E2E_MODEL") or str(request.getfixturevalue("shapes_checkpoint"))
+    model = os.environ.get("PALIGEMMA_E2E_MODEL") or str(request.getfixturevalue("demo_checkpoint"))
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "service.log"
     command = [sys.executable, "-m", "service", "--model", model, "--engine", "transformers"]

@@ -28,7 +28,7 @@ def test_box_iou_and_image_iou() -> None:
 
 
 def test_compare_two_tiny_checkpoints(
-    tiny_checkpoint: Path, shapes_checkpoint: Path, shapes: Path, tmp_path: Path
+    tiny_checkpoint: Path, demo_checkpoint: Path, shapes: Path, tmp_path: Path
 ) -> None:
     from finetune.__main__ import main
 
@@ -36,7 +36,7 @@ def test_compare_two_tiny_checkpoints(
     main(
         [
             "eval",
-            "--model", str(shapes_checkpoint),
+            "--model", str(demo_checkpoint),
             "--compare", str(tiny_checkpoint),
             "--coco", str(shapes / "annotations.json"),
             "--vqa", str(shapes / "vqa.jsonl"),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 from finetune.collate import ExampleDataset, PaliGemmaCollator
 from finetune.config import TrainConfig
 from finetune.data import detection_examples, load_coco
-from finetune.train import LANGUAGE_MODEL_PATTERN, Budget, train
+from finetune.train import LANGUAGE_MODEL_PATTERN, train
 
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -105,7 +104,9 @@ def test_qlora_without_a_gpu_says_so(tiny_checkpoint: Path, shapes: Path, tmp_pa
         ({"max_minutes": 0.0}, "--max-minutes must be positive"),
         ({"synonyms": ("sq",)}, "--synonyms entries look like RAW=CANONICAL"),
         ({"loc_stride": 0}, "--loc-stride must be between 1 and 64"),
-        ({"decay_minutes": 1.0}, "--decay-minutes must be >= 0 and needs --max-minutes"),
+        ({"decay_steps": 5, "max_steps": 4}, "--decay-steps must be >= 0 and fit in --max-steps"),
+        ({"decay_steps": 2, "max_steps": 4, "scheduler": "cosine"}, "--decay-steps sets the schedule itself"),
+        ({"snapshot_steps": (0,)}, "--snapshot-steps must be >= 1"),
     ],
 )
 def test_config_errors_name_the_flag(overrides: dict[str, object], message: str) -> None:
@@ -114,29 +115,48 @@ def test_config_errors_name_the_flag(overrides: dict[str, object], message: str)
         TrainConfig(**values)  # type: ignore[arg-type]
 
 
-def test_budget_decay_factor_falls_linearly_over_the_last_minutes() -> None:
-    budget = Budget(minutes=1.0, decay_minutes=0.5)
-    budget.start = time.monotonic() - 15  # 45 s of the 60 left
-    assert budget.decay_factor() == 1.0  # the decay covers only the last 30 s
-    budget.start = time.monotonic() - 45  # 15 s left of a 30-s decay
-    assert budget.decay_factor() == pytest.approx(0.5, abs=0.01)
-    budget.start = time.monotonic() - 70
-    assert budget.decay_factor() == 0.0
-    assert Budget(minutes=None, decay_minutes=0.5).decay_factor() == 1.0
+def test_decay_steps_bring_the_rate_down_linearly_over_the_last_steps(
+    tiny_checkpoint: Path, shapes: Path, tmp_path: Path
+) -> None:
+    cfg = TrainConfig(
+        base=str(tiny_checkpoint), out=str(tmp_path / "run"), method="full", vqa=(str(shapes / "vqa.jsonl"),),
+        batch_size=2, max_steps=8, warmup_steps=2, decay_steps=4, lr=1e-3, logging_steps=1, threads=2, seed=0,
+    )  # fmt: skip
+    train(cfg)
+    rates = [p["learning_rate"] for p in json.loads((tmp_path / "run" / "learning_curve.json").read_text())]
+    # The rate each step used: warm-up from 0 (steps 1-2), stable (3-4), linear decay (5-8) that would
+    # reach 0 at step 9: the last step trains at a quarter of the peak.
+    assert rates == pytest.approx([0.0, 5e-4, 1e-3, 1e-3, 1e-3, 7.5e-4, 5e-4, 2.5e-4])
 
 
-def test_a_time_budget_decays_the_rate_it_logs_and_shows_minutes(
+def test_max_minutes_is_a_safety_stop_that_still_saves(
     tiny_checkpoint: Path, shapes: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     cfg = TrainConfig(
         base=str(tiny_checkpoint), out=str(tmp_path / "run"), method="full", vqa=(str(shapes / "vqa.jsonl"),),
-        batch_size=2, max_steps=1_000_000, max_minutes=0.1, decay_minutes=0.05, lr=1e-3, logging_steps=1,
-        threads=2, seed=0,
+        batch_size=2, max_steps=1_000_000, max_minutes=0.02, lr=1e-3, logging_steps=1, threads=2, seed=0,
     )  # fmt: skip
-    train(cfg)
-    rates = [p["learning_rate"] for p in json.loads((tmp_path / "run" / "learning_curve.json").read_text())]
-    assert rates[0] == pytest.approx(1e-3)  # constant until the last 3 s
-    assert rates[-1] < 2e-4  # then down towards 0 at the end of the 6-s budget
-    assert all(a >= b for a, b in zip(rates, rates[1:], strict=False))
+    model = train(cfg)
+    result = json.loads((tmp_path / "run" / "train_result.json").read_text())
+    assert 1 <= result["steps"] < 1_000_000 and result["seconds"] >= 1.2  # stopped by the clock, not the steps
+    assert (model / "model.safetensors").is_file()
     bar = capsys.readouterr().err
-    assert "100/100 %" in bar and f"step {len(rates)}" in bar  # the bar counts the minutes, not 1,000,000 steps
+    assert "100/100 %" in bar and f"step {result['steps']}" in bar  # the bar counts the minutes, not 1,000,000 steps
+
+
+def test_the_same_config_trains_the_same_weights(tiny_checkpoint: Path, shapes: Path, tmp_path: Path) -> None:
+    """Step-bounded training is reproducible (same seed and threads): what a figure or a test relies on."""
+    from safetensors.torch import load_file
+
+    weights = []
+    for name in ("a", "b"):
+        cfg = TrainConfig(
+            base=str(tiny_checkpoint), out=str(tmp_path / name), method="full",
+            coco=(str(shapes / "annotations.json"),), vqa=(str(shapes / "vqa.jsonl"),), batch_size=4, max_steps=6,
+            decay_steps=3, lr=1e-3, threads=2, seed=0, snapshot_steps=(3,),
+        )  # fmt: skip
+        weights.append(load_file(train(cfg) / "model.safetensors"))
+        snapshot = json.loads((tmp_path / name / "snapshots" / "step-3" / "snapshot.json").read_text())
+        assert snapshot["step"] == 3
+    assert weights[0].keys() == weights[1].keys()
+    assert all(weights[0][k].equal(weights[1][k]) for k in weights[0])

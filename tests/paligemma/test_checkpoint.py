@@ -99,4 +99,3 @@ def test_sinusoid_locs_start_neighbouring_bins_close(tmp_path: Path) -> None:
     assert similarity[501] > 0.95 > similarity[510] > similarity[550] > similarity[1000]
     other = model.get_input_embeddings().weight[: ids[0]].detach().norm(dim=1)[1:]  # row 0 is <pad>'s zeros
     assert float(rows.norm(dim=1).mean()) == pytest.approx(float(other.mean()), rel=0.02)  # the init's scale
-

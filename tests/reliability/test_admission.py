@@ -44,9 +44,11 @@ def test_burst_of_5x_the_limit(server: ServiceProcess) -> None:
     rejected = [r for r in results if r[0] == 503]
     assert len(ok) + len(rejected) == len(results), [(s, r.text[:200]) for s, _, r in results]
     assert len(ok) >= LIMIT and len(rejected) >= 2 * LIMIT, (len(ok), len(rejected))
-    slowest = max(seconds for _, seconds, _ in rejected)
-    print(f"\nburst: {len(ok)} admitted, {len(rejected)} rejected; slowest rejection {slowest * 1000:.1f} ms")  # noqa: T201
-    assert slowest < 0.05, f"a rejection took {slowest * 1000:.1f} ms"
+    slowest, fastest_ok = max(r[1] for r in rejected), min(r[1] for r in ok)
+    summary = f"{len(ok)} admitted, {len(rejected)} rejected; slowest rejection {slowest * 1000:.1f} ms"
+    print(f"\nburst: {summary}, fastest admitted {fastest_ok * 1000:.1f} ms")  # noqa: T201
+    # fast = never waits for the model: every rejection is back before the first admitted answer
+    assert slowest < fastest_ok, f"a rejection took {slowest * 1000:.1f} ms"
     for _, _, response in rejected:
         assert response.headers["retry-after"] == "1"
         assert response.json()["error"]["code"] == "overloaded"
@@ -72,11 +74,14 @@ def test_probes_answer_while_full(server: ServiceProcess) -> None:
                 )
                 for _ in range(LIMIT)
             ]
-            await asyncio.sleep(0.3)
+            deadline = time.monotonic() + 30  # a hang guard
+            while server.metric("paligemma_admitted_requests", 'state="running"') < MAX_CONCURRENT:
+                assert time.monotonic() < deadline, "the slow requests never took every slot"
+                await asyncio.sleep(0.02)
             for path in ("/healthz", "/readyz", "/metrics"):
-                start = time.perf_counter()
                 assert (await client.get(path)).status_code == 200
-                assert time.perf_counter() - start < 1.0
+            # "at once" = without waiting for a slot: the probes are back while the slow requests still run
+            assert not any(task.done() for task in slow)
             assert all(r.status_code == 200 for r in await asyncio.gather(*slow))
 
     asyncio.run(run())

@@ -1,8 +1,8 @@
 """``?annotated=true`` (the image with the detections drawn, as PNG) and the page at ``GET /``.
 
-Boxes need a model that emits loc tokens: ``shapes_checkpoint`` is a tiny PaliGemma trained for a few
-hundred steps on synthetic shapes by ``finetune.train`` (see tests/shapes_model.py), served by the real
-transformers engine. Masks are drawn from the ids of a real ``segment`` answer (as in test_segment.py).
+Boxes need a model that emits loc tokens: ``demo_checkpoint`` is the committed demo model (models/demo,
+see tests/demo_model.py), served by the real transformers engine. Masks are drawn from the ids of a real
+``segment`` answer (as in test_segment.py).
 """
 
 from __future__ import annotations
@@ -19,22 +19,23 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from paligemma import SpecialIds
-from paligemma.draw import PREDICTION
+from paligemma.draw import PREDICTION, draw_detections
 from paligemma.segmentation import MaskDecoder
-from service.annotate import annotated_png
+from service.annotate import annotated_png, from_response
 from service.app import create_app
 from service.engine import Generation
+from service.schemas import Detection
 from service.segments import build_segments
+from tests.demo_model import find_detection
 from tests.service.conftest import image_bytes, make_settings
 from tests.service.test_segment import ANSWER, weights  # noqa: F401  (module fixture)
-from tests.shapes_model import find_detection
 
 STATIC_PAGE = Path(__file__).resolve().parents[2] / "service" / "static" / "index.html"
 
 
 @pytest.fixture(scope="module")
-def shapes_client(shapes_checkpoint: Path) -> Iterator[TestClient]:
-    with TestClient(create_app(make_settings(shapes_checkpoint, max_new_tokens=24))) as test_client:
+def shapes_client(demo_checkpoint: Path) -> Iterator[TestClient]:
+    with TestClient(create_app(make_settings(demo_checkpoint, max_new_tokens=24))) as test_client:
         yield test_client
 
 
@@ -48,6 +49,10 @@ def _png(response: Any) -> Image.Image:
 
 
 def test_annotated_detect_draws_the_boxes(shapes_client: TestClient) -> None:
+    """The PNG is the JSON answer's boxes drawn on the upload: compared with drawing them here, pixel for
+    pixel, and each box's outline is blue where the drawing puts it (PIL's rectangle truncates float
+    coordinates and draws the outline inside them)."""
+
     def detect(png: bytes, name: str) -> dict[str, Any]:
         return dict(shapes_client.post("/detect", files={"image": ("x.png", png)}, data={"objects": name}).json())
 
@@ -55,15 +60,18 @@ def test_annotated_detect_draws_the_boxes(shapes_client: TestClient) -> None:
     answer = detect(png, name)
     response = shapes_client.post("/detect?annotated=true", files={"image": ("x.png", png)}, data={"objects": name})
     drawn = np.asarray(_png(response).convert("RGB"), dtype=np.int16)
-    original = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
-    assert drawn.shape == original.shape  # same size as the upload
+    original = Image.open(io.BytesIO(png)).convert("RGB")
+    assert drawn.shape == (original.height, original.width, 3)  # same size as the upload
     assert response.headers["x-detections"] == str(len(answer["detections"]))
-    box = answer["detections"][0]["box"]
-    x1, y1, x2, y2 = (round(box[k]) for k in ("x1", "y1", "x2", "y2"))
-    changed = np.abs(drawn - original).sum(axis=2) > 0
-    assert changed[y1 : y2 + 1, x1 : x2 + 1].any()
-    edge = drawn[min(y2, drawn.shape[0] - 1), x1 : x2 + 1]  # the bottom edge is drawn in prediction blue
-    assert (np.abs(edge - np.asarray(PREDICTION)).sum(axis=1) < 30).mean() > 0.5
+    detections = [Detection.model_validate(d) for d in answer["detections"]]
+    expected = np.asarray(draw_detections(original, from_response(detections)), dtype=np.int16)
+    assert (drawn == expected).all()
+    assert (drawn != np.asarray(original, dtype=np.int16)).any()
+    blue = np.abs(drawn - np.asarray(PREDICTION)).sum(axis=2) < 30
+    for det in answer["detections"]:
+        x1, y1, x2, y2 = (int(det["box"][k]) for k in ("x1", "y1", "x2", "y2"))
+        if y2 - y1 >= 24:  # taller than a caption drawn inside the box, which could cover the bottom edge
+            assert blue[min(y2, drawn.shape[0] - 1), x1 : x2 + 1].mean() > 0.5  # the bottom edge is blue
 
 
 def test_annotated_without_detections_is_the_image(shapes_client: TestClient) -> None:
