@@ -1,7 +1,8 @@
 """How often vLLM's CPU backend detects what the faithful transformers engine detects, on a trained model.
 
-    .venv/bin/python benchmarks/vllm_cpu_agreement.py --model artifacts/demo-model \
-        --data artifacts/demo-work/heldout/annotations.json
+    .venv/bin/python -m finetune synth --out artifacts/heldout --n 200 --seed 2   # the demo's held-out set
+    .venv/bin/python benchmarks/vllm_cpu_agreement.py --model models/demo \
+        --data artifacts/heldout/annotations.json
 
 vLLM's CPU attention backend attends causally over every token, while PaliGemma (and the transformers
 engine) gives image + prompt one bidirectional block. This measures what that costs on a model that was

@@ -21,8 +21,12 @@ def _flags(recipe: dict[str, Any]) -> str:
     for name, value in recipe.items():
         if name in ("out", "report", "work", "force") or value == _plain(getattr(default, name)):
             continue
-        shown = " ".join(str(v) for v in value) if isinstance(value, list) else str(value).lower()
-        changed.append(f"--{name.replace('_', '-')} {shown}")
+        option = name.replace("_", "-")
+        if isinstance(value, bool):
+            changed.append(f"--{option}" if value else f"--no-{option}")
+            continue
+        values = value if isinstance(value, list) else [value]  # a tuple flag is repeated
+        changed += [f"--{option} {v}" for v in values]
     return " ".join(changed)
 
 

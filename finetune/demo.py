@@ -178,7 +178,7 @@ def _dataset(path: Path, n: int, seed: int, questions: int, max_shapes: int = 4,
     return path
 
 
-async def _score(
+async def score_heldout(
     model: Path, detection: DetectionSet, vqa: list[Any], out: Path | None, pictures: int
 ) -> dict[str, Any]:
     """Held-out scores of one model directory through the service's transformers engine."""
@@ -305,11 +305,11 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
 
     heldout = load_coco(held_dir / "annotations.json")
     held_vqa = load_vqa(held_dir / "vqa.jsonl")
-    final = asyncio.run(_score(out, heldout, held_vqa, report_dir, cfg.pictures))
+    final = asyncio.run(score_heldout(out, heldout, held_vqa, report_dir, cfg.pictures))
     curve = []
     for snap, info in trained.snapshots:
         if info["step"] < trained.steps:  # the last step's snapshot is the final model, scored above
-            curve.append({**info, "heldout": asyncio.run(_score(snap, heldout, held_vqa, None, 0))})
+            curve.append({**info, "heldout": asyncio.run(score_heldout(snap, heldout, held_vqa, None, 0))})
     curve.append({"step": trained.steps, "seconds": round(trained.seconds, 1), "heldout": final})
 
     train_set = load_coco(train_dir / "annotations.json")

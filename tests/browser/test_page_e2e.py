@@ -1,14 +1,14 @@
 """The page end to end: ``python -m service`` on a free port, headless Chromium on ``http://127.0.0.1:PORT/``.
 
-Nothing is mocked. The model is ``demo_checkpoint``: a tiny PaliGemma trained for a few hundred steps
-on synthetic shapes by ``finetune.train`` (tests/shapes_model.py), served by the transformers engine in a
-real uvicorn process. A random checkpoint would almost never emit the loc tokens a box needs; this one
-has learned the detection grammar, so the page gets real boxes from a real model. The image and object
-name are picked by asking the running service's ``/detect`` (over HTTP) which training image gives a box.
+Nothing is mocked. The model is ``demo_checkpoint``: the committed demo model (models/demo), served by the
+transformers engine in a real uvicorn process. A random checkpoint would almost never emit the loc tokens a
+box needs; this one detects the synthetic shapes, so the page gets real boxes from a real model. The image
+and object name are picked by asking the running service's ``/detect`` (over HTTP) which held-out image
+gives a box.
 
 The screenshot lands in the test's temp directory, and in ``docs/images/page.png`` (shown by the README)
-when that file is missing or ``PALIGEMMA_UPDATE_SCREENSHOT=1``. ``PALIGEMMA_E2E_MODEL=artifacts/demo-model``
-serves a better trained model instead (``make demo-model``), e.g. for a nicer screenshot.
+when that file is missing or ``PALIGEMMA_UPDATE_SCREENSHOT=1``. ``PALIGEMMA_E2E_MODEL=DIR`` serves another
+model instead.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
     port = _free_port()
     log = tmp_path_factory.mktemp("server") / "service.log"
     command = [sys.executable, "-m", "service", "--model", model, "--engine", "transformers"]
-    command += ["--model-name", "tiny-shapes", "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "24"]
+    command += ["--model-name", "demo", "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "24"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
