@@ -23,7 +23,8 @@ def test_every_command_is_there_and_documented() -> None:
     (commands,) = [a for a in parser._actions if a.dest == "command"]
     assert set(commands.choices) == {"tiny", "synth", "train", "merge", "eval", "demo"}  # type: ignore[arg-type]
     train_help = commands.choices["train"].format_help()  # type: ignore[index]
-    assert "--max-minutes" in train_help and "Wall-clock training budget" in train_help
+    assert "--max-minutes" in train_help and "Wall-clock safety stop" in train_help
+    assert "--decay-steps" in train_help and "--snapshot-steps" in train_help
     assert "--freeze-vision" in train_help and "--no-freeze-vision" in train_help
 
 
