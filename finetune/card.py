@@ -14,12 +14,13 @@ from typing import Any
 
 def _flags(recipe: dict[str, Any]) -> str:
     """The ``python -m finetune demo`` flags that differ from the defaults (none for the shipped recipe)."""
+    from finetune.config import to_json
     from finetune.demo import DemoConfig
 
-    default = DemoConfig()
+    default = to_json(DemoConfig())
     changed = []
     for name, value in recipe.items():
-        if name in ("out", "report", "work", "force") or value == _plain(getattr(default, name)):
+        if name in ("out", "report", "work", "force") or value == default[name]:
             continue
         option = name.replace("_", "-")
         if isinstance(value, bool):
@@ -28,10 +29,6 @@ def _flags(recipe: dict[str, Any]) -> str:
         values = value if isinstance(value, list) else [value]  # a tuple flag is repeated
         changed += [f"--{option} {v}" for v in values]
     return " ".join(changed)
-
-
-def _plain(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _scores_row(name: str, step: int, seconds: float, heldout: dict[str, Any]) -> str:

@@ -267,7 +267,7 @@ def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) 
     return Trained(run, curve, snapshots, steps, seconds)
 
 
-def _points(report: dict[str, Any], **info: Any) -> dict[str, Any]:
+def _curve_point(report: dict[str, Any], **info: Any) -> dict[str, Any]:
     """One learning-curve point: where it was taken and the held-out headline scores."""
     detection, vqa = report["detection"], report["vqa"]
     return {**info, "map_50": detection["map_50"], "map": detection["map"], "vqa": vqa["accuracy"]}
@@ -335,7 +335,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         },
         "curve": curve,
     }
-    points = [_points(p["heldout"], step=p["step"], seconds=p["seconds"]) for p in curve]
+    points = [_curve_point(p["heldout"], step=p["step"], seconds=p["seconds"]) for p in curve]
     report_dir.mkdir(parents=True, exist_ok=True)
     (report_dir / "learning_curve.json").write_text(
         json.dumps({"loss": trained.curve, "heldout": points}, indent=1) + "\n"

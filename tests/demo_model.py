@@ -15,31 +15,25 @@ from pathlib import Path
 from typing import Any
 
 DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
-HELDOUT_SEED = 2
-"""``finetune.demo.DemoConfig.heldout_seed``: images the demo model never trained on."""
 
 
 def heldout_image(index: int) -> tuple[bytes, list[tuple[str, tuple[int, int, int, int]]]]:
     """PNG bytes of held-out image ``index`` and its shapes as ``(name, (x1, y1, x2, y2))``."""
+    from finetune.demo import DemoConfig
     from finetune.synth import render
 
-    image, shapes = render(HELDOUT_SEED, index)
+    image, shapes = render(DemoConfig().heldout_seed, index)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue(), [(shape.kind, shape.box) for shape in shapes]
-
-
-def iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
-    return w * h / union if union > 0 else 0.0
 
 
 def find_detection(detect: Callable[[bytes, str], dict[str, Any]], tries: int = 8) -> tuple[bytes, str]:
     """A held-out image and object name for which ``detect(png, name)`` (a /detect answer) has a detection,
     preferring one that is right (label as asked, IoU >= 0.5 with a shape of that name), else the one
     overlapping its shape best; ``AssertionError`` if none of the first ``tries`` images gives a box."""
+    from finetune.compare import box_iou
+
     best: tuple[bytes, str] | None = None
     best_iou = -1.0
     for index in range(tries):
@@ -47,7 +41,7 @@ def find_detection(detect: Callable[[bytes, str], dict[str, Any]], tries: int = 
         for name in sorted({kind for kind, _ in shapes}):
             for det in detect(png, name)["detections"]:
                 box = tuple(det["box"][k] for k in ("x1", "y1", "x2", "y2"))
-                truth = [iou(box, b) for kind, b in shapes if kind == name == det["label"]]
+                truth = [box_iou(box, b) for kind, b in shapes if kind == name == det["label"]]
                 if max(truth, default=0.0) > best_iou:
                     best, best_iou = (png, name), max(truth, default=0.0)
             if best is not None and best_iou >= 0.5:
