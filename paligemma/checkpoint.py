@@ -19,7 +19,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 from paligemma.tokens import IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS
 
@@ -59,6 +59,11 @@ class TinyConfig:
     init_std: float | None = None
     """Std of the random weight matrices; None keeps transformers' 0.02. Around 0.3 makes greedy output
     vary from token to token (at 0.02 a random model repeats ``"\n"``), which parity tests need."""
+    text_model: Literal["gemma", "gemma2"] = "gemma"
+    """``gemma`` is PaliGemma 1's decoder; ``gemma2`` is PaliGemma 2's: logit soft-capping (attention 50,
+    final 30), ``query_pre_attn_scalar``, and alternating sliding-window and global layers."""
+    sliding_window: int = 4096
+    """Window of the ``gemma2`` sliding layers (the released models use 4,096)."""
     sinusoid_locs: bool = False
     """Start the ``<locNNNN>`` embeddings (tied to the output head) as sinusoids of the bin index instead
     of noise: neighbouring bins then start close, so a box learned for one bin carries to its neighbours
@@ -117,18 +122,27 @@ def build_tiny_model(tokenizer: Any, cfg: TinyConfig, seed: int) -> PaliGemmaFor
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
     vocab_size = -(-len(tokenizer) // 64) * 64
+    text_config: dict[str, Any] = {
+        "model_type": cfg.text_model,
+        "vocab_size": vocab_size,
+        "hidden_size": cfg.text_hidden,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.text_heads,
+        "num_key_value_heads": cfg.text_kv_heads,
+        "head_dim": cfg.head_dim,
+        "intermediate_size": cfg.intermediate,
+        "max_position_embeddings": 1024,
+    }
+    if cfg.text_model == "gemma2":
+        text_config |= {
+            "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0,
+            "query_pre_attn_scalar": 256,  # not head_dim (64), so a wrong attention scale shows
+            "sliding_window": cfg.sliding_window,
+            "layer_types": [("sliding_attention", "full_attention")[i % 2] for i in range(cfg.text_layers)],
+        }
     config = PaliGemmaConfig(  # type: ignore[call-arg]
-        text_config={
-            "model_type": "gemma",
-            "vocab_size": vocab_size,
-            "hidden_size": cfg.text_hidden,
-            "num_hidden_layers": cfg.text_layers,
-            "num_attention_heads": cfg.text_heads,
-            "num_key_value_heads": cfg.text_kv_heads,
-            "head_dim": cfg.head_dim,
-            "intermediate_size": cfg.intermediate,
-            "max_position_embeddings": 1024,
-        },
+        text_config=text_config,
         vision_config={
             "hidden_size": cfg.vision_hidden,
             "num_hidden_layers": cfg.vision_layers,
@@ -147,10 +161,17 @@ def build_tiny_model(tokenizer: Any, cfg: TinyConfig, seed: int) -> PaliGemmaFor
     torch.manual_seed(seed)
     model = PaliGemmaForConditionalGeneration(config)
     if cfg.init_std is not None:
+        embedding_weight = model.get_input_embeddings().weight
         with torch.no_grad():
             for param in model.parameters():
-                if param.dim() >= 2:
+                if param.dim() >= 2 and not (cfg.text_model == "gemma2" and param is embedding_weight):
                     param.normal_(0.0, cfg.init_std)
+            if cfg.text_model == "gemma2":
+                # Gemma 2 normalises each block's output before adding it to the residual stream, so a large
+                # embedding (scaled by sqrt(hidden) at the input) would swamp it and the model would repeat its
+                # input token. The (tied) embedding keeps its small init; the final norm's gain (x20) keeps
+                # the next-token distribution from being flat.
+                model.model.language_model.norm.weight.fill_(19.0)
     if cfg.sinusoid_locs:
         with torch.no_grad():
             embedding = cast("torch.Tensor", model.get_input_embeddings().weight)

@@ -3,7 +3,9 @@
 The only module that imports vLLM (lazily, inside functions). vLLM's EngineCore runs in a separate
 process; this process keeps tokenization, image preprocessing, detokenization and vLLM's own Prometheus
 metrics (``vllm:*`` in the default registry). The prompt is the task prefix alone: vLLM's PaliGemma
-processor inserts ``<image>`` x N and ``<bos>`` and appends ``"\\n"``.
+processor inserts ``<image>`` x N and ``<bos>`` and appends ``"\\n"``. The project's vLLM plugin
+(:mod:`service.vllm_plugin`) makes that whole prompt one bidirectional block, as PaliGemma was trained;
+the engine refuses to start without it.
 
 Cancelling the task that awaits :meth:`VLLMEngine.generate` aborts the request inside vLLM (its
 ``generate`` catches the cancellation and calls ``abort``), which is how client disconnects and
@@ -13,6 +15,7 @@ deadlines free the engine.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -28,6 +31,7 @@ from service.engine import (
     UnknownAdapterError,
 )
 from service.settings import Settings
+from service.vllm_plugin import SCHEDULER_CLASS, require_prefix_lm
 
 VLLMDType = Literal["auto", "bfloat16", "float16", "float32"]
 LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
@@ -191,10 +195,17 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     on_gpu = torch.cuda.is_available()
+    if settings.kv_cache_gib and os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
+        # vLLM's CPU platform lets this legacy variable override an explicit KV cache size
+        logger.warning("--kv-cache-gib %s is used; VLLM_CPU_KVCACHE_SPACE is ignored", settings.kv_cache_gib)
     dtype = resolve_dtype(settings.dtype, on_gpu, _text_model_type(settings.model))
     loras = settings.loras
     ranks = [_adapter_rank(path) for path in loras.values()]
     args = AsyncEngineArgs(
+        # PaliGemma's prefix-LM mask (service.vllm_plugin): each prompt in one pass, never recomputed
+        enable_chunked_prefill=False,
+        enable_prefix_caching=False,
+        scheduler_cls=SCHEDULER_CLASS,
         model=settings.model,
         served_model_name=settings.served_model_name,
         dtype=dtype,
@@ -211,9 +222,23 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         max_loras=max(1, len(loras)),
         disable_log_stats=False,
     )
-    logger.info("starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s", settings.model, dtype, on_gpu, sorted(loras))
-    llm = AsyncLLM.from_engine_args(args, usage_context=UsageContext.OPENAI_API_SERVER)
+    usage = UsageContext.OPENAI_API_SERVER
+    config = args.create_engine_config(usage)
+    require_prefix_lm(config)
+    logger.info(
+        "starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s, prefix-LM attention, max_model_len %d, "
+        "max_num_batched_tokens %d (chunked prefill and prefix caching off)",
+        settings.model,
+        dtype,
+        on_gpu,
+        sorted(loras),
+        config.model_config.max_model_len,
+        config.scheduler_config.max_num_batched_tokens,
+    )
+    llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
     try:
+        blocks, block_size = llm.vllm_config.cache_config.num_gpu_blocks, llm.vllm_config.cache_config.block_size
+        logger.info("vLLM KV cache: %s blocks of %s tokens", blocks, block_size)
         await llm.reset_mm_cache()
         yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
     finally:
