@@ -1,43 +1,45 @@
-"""Throughput of the vLLM engine at concurrency 1, 4 and 16, and its ratio to the transformers engine.
+"""Throughput of the engines at concurrency 1, 4 and 16, in one run, and what the prefix-LM plugin costs.
 
-    .venv/bin/python benchmarks/engine_throughput.py [--model DIR] [--requests 48] [--max-new-tokens 16]
+    .venv/bin/python benchmarks/engine_throughput.py [--model models/demo] [--requests 48] [--max-new-tokens 64]
 
-Both engines run in this process, one after the other, on the same checkpoint (default: the tiny random
-one, built in a temporary directory), with the same unique images and the same prompt. Every request
-generates exactly ``--max-new-tokens`` tokens (a random model never emits eos), so requests/s compare
-like for like. The ratio is vLLM's requests/s over transformers' at the same concurrency, measured in the
-same run. Not a test: the numbers depend on the machine.
+Three engine setups run one after the other, each in its own process, on the same checkpoint (default:
+the tiny random one, built in a temporary directory), with the same held-out images of the demo's data
+and the same ``detect`` prompt:
+
+- ``transformers``: the service's transformers engine (dynamic batching, batch up to 16);
+- ``vllm``: the service's vLLM engine, with the project's prefix-LM plugin (PaliGemma's trained mask;
+  chunked prefill and prefix caching off, a scheduler that never preempts);
+- ``vllm-stock``: the same vLLM engine class over stock vLLM (plugin not loaded, chunked prefill and
+  prefix caching on, vLLM's scheduler): the configuration the plugin replaces, wrong mask included.
+
+Requests/s and generated tokens/s per level; the ratios compare setups measured in the same run. Not a
+test: the numbers depend on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
-from PIL import Image
-
-from service.engine import GenerationRequest
-from service.engines import open_engine
-from service.settings import Settings
+from typing import Any
 
 CONCURRENCY = (1, 4, 16)
-PREFIX = "detect red circle ; blue square"
+PREFIX = "detect circle ; square ; triangle"
+SETUPS = ("transformers", "vllm", "vllm-stock")
 
 
-def _images(n: int) -> list[Image.Image]:
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 255, (120, 160, 3), dtype=np.uint8)) for _ in range(n)]
+def _settings(model: str, engine: str, args: argparse.Namespace) -> Any:
+    from service.settings import Settings
 
-
-async def _run(engine_kind: str, model: str, args: argparse.Namespace) -> dict[int, float]:
-    settings = Settings(
+    return Settings(  # type: ignore[call-arg]
         model=model,
-        engine=engine_kind,  # type: ignore[arg-type]
+        engine=engine,  # type: ignore[arg-type]
         max_new_tokens=args.max_new_tokens,
         max_batch_size=16,
         batch_window_ms=5,
@@ -46,46 +48,114 @@ async def _run(engine_kind: str, model: str, args: argparse.Namespace) -> dict[i
         enforce_eager=True,
         kv_cache_gib=1,
     )
-    images = _images(args.requests)
-    rates: dict[int, float] = {}
-    async with open_engine(settings) as engine:
+
+
+def _open(setup: str, model: str, args: argparse.Namespace) -> Any:
+    """The engine for ``setup`` as an async context manager."""
+    from service.engines import open_engine
+
+    settings = _settings(model, "transformers" if setup == "transformers" else "vllm", args)
+    return open_engine(settings) if setup != "vllm-stock" else _open_stock_vllm(settings)
+
+
+def _open_stock_vllm(settings: Any) -> Any:
+    """The service's VLLMEngine over an AsyncLLM built with vLLM's defaults (no project plugin)."""
+    from contextlib import asynccontextmanager
+
+    from transformers import AutoTokenizer
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from service.vllm_engine import VLLMEngine
+
+    @asynccontextmanager
+    async def stock() -> Any:
+        args = AsyncEngineArgs(
+            model=settings.model,
+            dtype="float32",
+            max_model_len=settings.max_model_len,
+            max_num_seqs=settings.max_num_seqs,
+            enforce_eager=True,
+            limit_mm_per_prompt={"image": 1},
+            kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30),
+        )
+        llm = AsyncLLM.from_engine_args(args)
+        try:
+            yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
+        finally:
+            llm.shutdown()
+
+    return stock()
+
+
+async def _measure(setup: str, model: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    from finetune.demo import DemoConfig
+    from finetune.synth import render
+    from service.engine import GenerationRequest
+
+    images = [render(DemoConfig().heldout_seed, i)[0] for i in range(args.requests)]
+    requests, tokens = [], []
+    async with _open(setup, model, args) as engine:
         for image in images[:4]:  # warm-up
             await engine.generate(GenerationRequest(image, PREFIX, args.max_new_tokens))
         for concurrency in CONCURRENCY:
             queue = iter(images)
+            generated = 0
 
             async def worker() -> None:
+                nonlocal generated
                 for image in queue:  # noqa: B023 - each level drains its own iterator
                     generation = await engine.generate(GenerationRequest(image, PREFIX, args.max_new_tokens))
-                    assert generation.completion_tokens == args.max_new_tokens
+                    generated += generation.completion_tokens  # noqa: B023
 
             start = time.perf_counter()
             await asyncio.gather(*(worker() for _ in range(concurrency)))
-            rates[concurrency] = len(images) / (time.perf_counter() - start)
-    return rates
+            elapsed = time.perf_counter() - start
+            requests.append(len(images) / elapsed)
+            tokens.append(generated / elapsed)
+    return {"requests": requests, "tokens": tokens}
+
+
+def _child(setup: str, model: str, args: argparse.Namespace) -> dict[str, list[float]]:
+    """Run one setup in a fresh process (a process that loaded the plugin keeps it) -> its rates."""
+    env = os.environ | ({"VLLM_PLUGINS": "lora_filesystem_resolver"} if setup == "vllm-stock" else {})
+    command = [sys.executable, __file__, "--model", model, "--requests", str(args.requests)]
+    command += ["--max-new-tokens", str(args.max_new_tokens), "--setup", setup]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"{setup} failed:\n{out.stderr[-3000:]}")
+    line = next(line for line in out.stdout.splitlines() if line.startswith("{"))
+    return dict(json.loads(line))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint directory (default: a fresh tiny random one)")
     parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--setup", choices=SETUPS, help=argparse.SUPPRESS)  # child mode
     args = parser.parse_args()
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the KV cache size is set explicitly
+    if args.setup:
+        print(json.dumps(asyncio.run(_measure(args.setup, args.model, args))))  # noqa: T201
+        return
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
             from paligemma.checkpoint import build_tiny_checkpoint
 
             model = str(build_tiny_checkpoint(Path(tmp) / "tiny"))
-        results = {kind: asyncio.run(_run(kind, model, args)) for kind in ("vllm", "transformers")}
+        results = {setup: _child(setup, model, args) for setup in SETUPS}
+    hf, vllm, stock = (results[s] for s in SETUPS)
     lines = [
-        f"{args.requests} requests per level, {args.max_new_tokens} new tokens each, prompt {PREFIX!r}",
-        "concurrency  vLLM req/s  transformers req/s  vLLM / transformers",
+        f"{model}: {args.requests} requests per level, up to {args.max_new_tokens} new tokens, prompt {PREFIX!r}",
+        "concurrency | transformers req/s (tok/s) | vLLM req/s (tok/s) | stock vLLM req/s (tok/s)"
+        " | vLLM / transformers | vLLM / stock vLLM",
     ]
-    for c in CONCURRENCY:
-        vllm, hf = results["vllm"][c], results["transformers"][c]
-        lines.append(f"{c:>11}  {vllm:>10.1f}  {hf:>18.1f}  {vllm / hf:>19.2f}")
+    for i, c in enumerate(CONCURRENCY):
+        cells = [f"{r['requests'][i]:.1f} ({r['tokens'][i]:.0f})" for r in (hf, vllm, stock)]
+        ratios = f"{vllm['requests'][i] / hf['requests'][i]:.2f} | {vllm['requests'][i] / stock['requests'][i]:.2f}"
+        lines.append(f"{c} | " + " | ".join(cells) + f" | {ratios}")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its table
 
 

