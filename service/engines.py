@@ -1,10 +1,10 @@
 """Picks and opens the engine named in the settings: the one place that knows which engines exist.
 
 ``--engine auto`` takes vLLM on a CUDA host when vLLM imports and starts, else transformers. On a
-CPU-only host it takes transformers: vLLM's CPU backend attends causally over the image and prompt
-(transformers gives them PaliGemma's full prefix attention), and vLLM-CPU's detections matched the
-faithful engine's on 5 of 100 held-out images with the shipped demo model (0 and 8 with earlier ones;
-benchmarks/vllm_cpu_agreement.py, README "Engines").
+CPU-only host it takes transformers: with the project's prefix-LM plugin vLLM-CPU answers exactly as the
+transformers engine does (100 of 100 held-out images on the demo model), but on a small CPU host it is
+slower (0.53-0.78x the requests/s at concurrency 1-16, benchmarks/engine_throughput.py) and starts slower
+(README, "Engines").
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def choose_engine(settings: Settings) -> tuple[str, str]:
 
     if torch.cuda.is_available():
         return "vllm", "a CUDA GPU is present and vLLM is installed"
-    return "transformers", "no GPU: vLLM's CPU backend attends causally and drifts from PaliGemma's prefix attention"
+    return "transformers", "no GPU: on CPU the transformers engine is faster than vLLM for PaliGemma"
 
 
 def open_engine(

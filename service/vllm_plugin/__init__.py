@@ -40,7 +40,7 @@ def plugin_active() -> bool:
     from vllm.model_executor.models.registry import ModelRegistry
     from vllm.plugins import load_general_plugins
 
-    load_general_plugins()
+    load_general_plugins()  # type: ignore[no-untyped-call]
     registered = ModelRegistry.models.get(ARCHITECTURE)
     return f"{getattr(registered, 'module_name', '')}:{getattr(registered, 'class_name', '')}" == MODEL_CLASS
 

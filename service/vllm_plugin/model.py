@@ -27,12 +27,15 @@ def _prefix_lm_text_attention() -> Iterator[None]:
     one name for the duration keeps every other argument (heads, scale, soft-cap, sliding window) as
     vLLM computes it.
     """
-    saved = gemma.Attention, gemma2.Attention
-    gemma.Attention = gemma2.Attention = PrefillPrefixLMAttention  # type: ignore[misc]
+    namespaces = [vars(gemma), vars(gemma2)]
+    saved = [namespace["Attention"] for namespace in namespaces]
+    for namespace in namespaces:
+        namespace["Attention"] = PrefillPrefixLMAttention
     try:
         yield
     finally:
-        gemma.Attention, gemma2.Attention = saved  # type: ignore[misc]
+        for namespace, original in zip(namespaces, saved, strict=True):
+            namespace["Attention"] = original
 
 
 class PaliGemmaPrefixLM(PaliGemmaForConditionalGeneration):
