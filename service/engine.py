@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
 if TYPE_CHECKING:
     from PIL.Image import Image
 
+    from paligemma.grammar import GrammarSpec
+
 FinishReason = Literal["stop", "length", "abort"]
 
 
@@ -29,6 +31,8 @@ class GenerationRequest:
     adapter: str | None = None
     """Name of a LoRA adapter the engine was started with; None = the base model."""
     request_id: str = ""
+    grammar: GrammarSpec | None = None
+    """Constrain the answer to this detection grammar (``paligemma.grammar``); None = unconstrained."""
 
 
 @dataclass(frozen=True)

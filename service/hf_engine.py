@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
 from service.engine import (
     EngineDeadError,
@@ -45,19 +46,38 @@ class _Pending:
     arrived: float = field(default=0.0)
 
 
-class _ChosenLogprobs:
-    """Logits processor that records, per step, the log-probability of the greedy choice.
+class _GreedySteps:
+    """Logits processor, last in the list: applies each row's detection grammar and records, per step, the
+    log-probability of the token greedy search then takes.
 
-    It runs last, so it sees the scores greedy search takes the argmax of; storing one float per row and
-    step avoids keeping the full ``[batch, steps, vocab]`` logits (0.5 GB at batch 16 on a 257k vocab).
+    The recorded value is the *raw* one (the model's own distribution, before the grammar masks it), as
+    vLLM reports it (``logprobs_mode="raw_logprobs"``), so scores mean the same on both engines. Storing one
+    float per row and step avoids keeping the full ``[batch, steps, vocab]`` logits (0.5 GB at batch 16 on a
+    257k vocab). Rows without a grammar, and rows whose answer is complete, are left alone.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, requests: list[GenerationRequest]) -> None:
         self.steps: list[torch.Tensor] = []
+        self._grammars = [DetectionGrammar(r.grammar) if r.grammar is not None else None for r in requests]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        import torch
+
         values = scores.float()
-        self.steps.append(values.max(dim=-1).values - values.logsumexp(dim=-1))
+        raw = values - values.logsumexp(dim=-1, keepdim=True)
+        for row, grammar in enumerate(self._grammars):
+            if grammar is None or grammar.done:
+                continue
+            if self.steps:  # the token chosen at the previous step
+                grammar.advance(int(input_ids[row, -1]))
+            if grammar.done:
+                continue
+            keep = torch.full_like(scores[row], float("-inf"))
+            for start, stop in grammar.allowed():
+                keep[start:stop] = 0.0
+            scores[row] = scores[row] + keep
+        chosen = scores.argmax(dim=-1, keepdim=True)
+        self.steps.append(raw.gather(1, chosen)[:, 0])
         return scores
 
 
@@ -225,7 +245,7 @@ class HFEngine:
         inputs.pop("labels", None)
         inputs = {k: v.to(model.device) for k, v in inputs.items()}
         inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        recorder = _ChosenLogprobs()
+        recorder = _GreedySteps(requests)
         with torch.inference_mode():
             out = model.generate(
                 **inputs,

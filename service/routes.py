@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
 from paligemma import prompts, score_from_logprobs
+from paligemma.grammar import GrammarSpec
 from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png, from_response
 from service.cancellation import run_guarded
 from service.deps import EngineDep, ServiceState, StateDep
@@ -87,6 +88,7 @@ async def _generate(
     prefix: str,
     max_new_tokens: int,
     adapter: str | None = None,
+    grammar: GrammarSpec | None = None,
 ) -> Generation:
     """The engine call, aborted on client disconnect (499) or past the deadline (504)."""
     job = GenerationRequest(
@@ -95,6 +97,7 @@ async def _generate(
         max_new_tokens=max_new_tokens,
         adapter=adapter,
         request_id=request_id_of(request.scope) or "",
+        grammar=grammar,
     )
     try:
         generation = await run_guarded(request, engine.generate(job), _deadline_s(request, state))
@@ -130,11 +133,41 @@ async def decode_and_generate(
     params: Any,
     data: bytes,
     default_max_new_tokens: int | None = None,
+    labels: list[str] | None = None,
+    segment: bool = False,
 ) -> tuple[Image, Generation]:
-    """The shared middle of every handler: check ``max_new_tokens``, decode the image, run the engine."""
+    """The shared middle of every handler: check ``max_new_tokens``, decode the image, run the engine.
+
+    With ``labels`` (``/detect``, ``/segment``) and ``params.constrained``, the answer is decoded with the
+    detection grammar over those labels.
+    """
     max_new_tokens = _max_new_tokens(state, params.max_new_tokens, default_max_new_tokens)
+    grammar = None
+    if labels is not None and params.constrained:
+        grammar = detection_grammar(state, engine, labels, segment, params.max_objects, max_new_tokens)
     image = await decode(state, data)
-    return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter)
+    return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter, grammar)
+
+
+def detection_grammar(
+    state: ServiceState, engine: Engine, labels: list[str], segment: bool, max_objects: int, max_tokens: int
+) -> GrammarSpec:
+    """The grammar of a ``detect``/``segment`` answer over ``labels``, in the engine's token ids."""
+    if state.special_ids is None:
+        raise Unavailable()
+    tokenizer: Any = engine.tokenizer()
+    try:
+        return GrammarSpec.build(
+            tokenizer,
+            state.special_ids,
+            int(tokenizer.eos_token_id),
+            labels,
+            segment=segment,
+            max_objects=max_objects,
+            max_tokens=max_tokens,
+        )
+    except ValueError as exc:
+        raise ValidationFailed(f"objects: {exc}") from None
 
 
 def usage_of(generation: Generation) -> Usage:
@@ -163,7 +196,8 @@ async def detect(
     start = time.perf_counter()
     params, data = await read_request(request, DetectParams, state.limits)
     objects = prompts.split_objects(params.objects)
-    image, generation = await decode_and_generate(request, state, engine, prompts.detect(objects), params, data)
+    prefix = prompts.detect(objects)
+    image, generation = await decode_and_generate(request, state, engine, prefix, params, data, labels=objects)
     if state.special_ids is None:
         raise Unavailable()
     detections, dropped = build_detections(

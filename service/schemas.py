@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.config import JsonDict
 
+from paligemma.grammar import DEFAULT_MAX_OBJECTS
+
 _PNG_1PX = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC"
 MaxNewTokens = Field(None, ge=1, description="Tokens to generate at most (default and limit: server settings)")
 
@@ -28,6 +30,14 @@ class DetectParams(_Params):
 
     objects: list[str] | str = Field(
         description='Object names: "cat ; dog", a list, or (multipart) repeated fields', examples=["cat ; dog"]
+    )
+    constrained: bool = Field(
+        True,
+        description="Decode with the detection grammar: only whole objects (4 locs, y2 > y1, x2 > x1; 16 segs for "
+        "/segment) with a requested label, none repeated; false = the model writes freely",
+    )
+    max_objects: int = Field(
+        DEFAULT_MAX_OBJECTS, ge=1, le=256, description="With constrained: the answer ends after this many objects"
     )
 
 

@@ -74,7 +74,9 @@ async def segment(
     prefix = prompts.segment(objects)
     settings = state.settings
     budget = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
-    image, generation = await decode_and_generate(request, state, engine, prefix, params, data, budget)
+    image, generation = await decode_and_generate(
+        request, state, engine, prefix, params, data, budget, labels=objects, segment=True
+    )
     if state.special_ids is None:
         raise Unavailable()
     detections, parsed, dropped = await asyncio.to_thread(

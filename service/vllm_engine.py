@@ -30,7 +30,7 @@ from service.engine import (
     UnknownAdapterError,
 )
 from service.settings import Settings
-from service.vllm_plugin import SCHEDULER_CLASS, require_prefix_lm
+from service.vllm_plugin import GRAMMAR_KEY, GRAMMAR_PROCESSOR, SCHEDULER_CLASS, require_prefix_lm
 
 VLLMDType = Literal["auto", "bfloat16", "float16", "float32"]
 LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
@@ -123,6 +123,7 @@ class VLLMEngine:
             logprobs=1,
             skip_special_tokens=False,
             output_kind=RequestOutputKind.FINAL_ONLY,
+            extra_args={GRAMMAR_KEY: request.grammar.to_dict()} if request.grammar is not None else None,
         )
         prompt = {"prompt": request.prefix, "multi_modal_data": {"image": request.image}}
         request_id = request.request_id or uuid.uuid4().hex
@@ -202,6 +203,7 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         enable_chunked_prefill=False,
         enable_prefix_caching=False,
         scheduler_cls=SCHEDULER_CLASS,
+        logits_processors=[GRAMMAR_PROCESSOR],  # the detection grammar, for requests that carry one
         model=settings.model,
         served_model_name=settings.served_model_name,
         dtype=dtype,

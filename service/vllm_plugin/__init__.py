@@ -22,6 +22,10 @@ ARCHITECTURE = "PaliGemmaForConditionalGeneration"
 MODEL_CLASS = "service.vllm_plugin.model:PaliGemmaPrefixLM"
 SCHEDULER_CLASS = "service.vllm_plugin.scheduler.prefix_lm_scheduler"
 ENTRY_POINT = "paligemma_prefix_lm"
+GRAMMAR_PROCESSOR = "service.vllm_plugin.grammar:DetectionGrammarProcessor"
+"""The detection grammar's logits processor (``--logits-processors``), see :mod:`service.vllm_plugin.grammar`."""
+GRAMMAR_KEY = "paligemma_grammar"
+"""Where a request's grammar travels: ``SamplingParams.extra_args[GRAMMAR_KEY]``."""
 
 
 class PrefixLMNotActiveError(RuntimeError):
