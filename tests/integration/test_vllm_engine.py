@@ -108,3 +108,34 @@ def test_lora_adapter_changes_the_output(vllm_engine: Any, engine_loop: Any) -> 
     assert adapted.token_ids != base.token_ids
     with pytest.raises(UnknownAdapterError):
         engine_loop.run(vllm_engine.generate(GenerationRequest(image=image, prefix="ocr", adapter="nope")))
+
+
+@pytest.mark.parametrize("segment", [False, True])
+def test_constrained_answers_are_whole_and_equal_the_transformers_engine(
+    vllm_engine: Any, engine_loop: Any, varied_checkpoint: Path, segment: bool
+) -> None:
+    """The grammar as vLLM's per-request logits processor: whole answers, label sets kept apart in one
+    batch, the same ids and raw logprobs as the transformers engine's grammar."""
+    from service.hf_engine import open_hf_engine
+    from tests.grammar_answers import check_complete, constrained_requests
+    from tests.service.conftest import make_settings
+
+    cases = constrained_requests(vllm_engine.tokenizer(), images(), 60, segment)
+
+    async def run_all() -> list[Any]:
+        return list(await asyncio.gather(*(vllm_engine.generate(r) for _, r in cases)))
+
+    async def reference() -> list[Any]:
+        async with open_hf_engine(make_settings(varied_checkpoint, max_batch_size=16)) as engine:
+            return list(await asyncio.gather(*(engine.generate(r) for _, r in cases)))
+
+    served = engine_loop.run(run_all())
+    objects = [
+        check_complete(g, labels, vllm_engine.tokenizer(), segment)
+        for (labels, _), g in zip(cases, served, strict=True)
+    ]
+    assert sum(objects) >= 6
+    expected = asyncio.run(reference())
+    assert [g.token_ids for g in served] == [g.token_ids for g in expected]
+    for got, want in zip(served, expected, strict=True):
+        assert got.logprobs == pytest.approx(want.logprobs, rel=1e-3, abs=1e-3)

@@ -7,7 +7,9 @@ import asyncio
 import base64
 import math
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -136,3 +138,29 @@ def test_finish_reason_and_length(client: TestClient) -> None:
     if generation.finish_reason == "length":
         assert generation.completion_tokens == 5
     assert all(lp <= 0 and not math.isnan(lp) for lp in generation.logprobs)
+
+
+@pytest.mark.parametrize("segment", [False, True])
+def test_constrained_answers_parse_completely_and_label_sets_do_not_leak(
+    varied_checkpoint: Path, segment: bool
+) -> None:
+    """The random model writes garbage freely; under the grammar every answer is whole, in one batch."""
+    from tests.grammar_answers import check_complete, constrained_requests, dropped
+
+    settings = make_settings(varied_checkpoint, max_batch_size=16, batch_window_ms=200)
+
+    async def run() -> tuple[list[Any], list[Generation], list[Generation], float]:
+        async with open_hf_engine(settings) as engine:
+            cases = constrained_requests(engine.tokenizer(), [_image(i) for i in range(3)], 60, segment)
+            constrained = await asyncio.gather(*(engine.generate(r) for _, r in cases))
+            free = await asyncio.gather(*(engine.generate(replace(r, grammar=None)) for _, r in cases))
+            return cases, list(constrained), list(free), engine.stats()["generate_calls"]
+
+    cases, constrained, free, calls = asyncio.run(run())
+    assert calls == 2  # each set of 12 requests ran as one batch, label sets side by side
+    from transformers import PaliGemmaProcessor
+
+    tokenizer = PaliGemmaProcessor.from_pretrained(varied_checkpoint).tokenizer
+    objects = [check_complete(g, labels, tokenizer, segment) for (labels, _), g in zip(cases, constrained, strict=True)]
+    assert sum(objects) >= 6  # boxes were written, not just <eos>
+    assert sum(dropped(g, labels, tokenizer) for (labels, _), g in zip(cases, free, strict=True)) > 0
