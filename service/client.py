@@ -77,6 +77,13 @@ def _objects(objects: str | list[str] | tuple[str, ...]) -> list[str]:
     return [objects] if isinstance(objects, str) else list(objects)
 
 
+def _detect_call(
+    image: ImageInput, objects: str | list[str] | tuple[str, ...], max_new_tokens: int | None, constrained: bool
+) -> _Call:
+    fields = {"objects": _objects(objects), "max_new_tokens": max_new_tokens, "constrained": str(constrained).lower()}
+    return _call("/detect", image, **fields)
+
+
 class Client:
     """Blocking client; pass ``http`` to reuse your own ``httpx.Client`` (its base URL is used)."""
 
@@ -87,10 +94,16 @@ class Client:
         return _parse(self._http.post(call.path, files=call.files, data=call.data), model)
 
     def detect(
-        self, image: ImageInput, objects: str | list[str] | tuple[str, ...], *, max_new_tokens: int | None = None
+        self,
+        image: ImageInput,
+        objects: str | list[str] | tuple[str, ...],
+        *,
+        max_new_tokens: int | None = None,
+        constrained: bool = True,
     ) -> DetectResponse:
-        """Boxes for ``objects`` (``"cat ; dog"`` or ``["cat", "dog"]``)."""
-        call = _call("/detect", image, objects=_objects(objects), max_new_tokens=max_new_tokens)
+        """Boxes for ``objects`` (``"cat ; dog"`` or ``["cat", "dog"]``); ``constrained=False`` lets the model
+        write freely instead of following the detection grammar."""
+        call = _detect_call(image, objects, max_new_tokens, constrained)
         return self._post(call, DetectResponse)
 
     def vqa(
@@ -142,9 +155,14 @@ class AsyncClient:
         return _parse(await self._http.post(call.path, files=call.files, data=call.data), model)
 
     async def detect(
-        self, image: ImageInput, objects: str | list[str] | tuple[str, ...], *, max_new_tokens: int | None = None
+        self,
+        image: ImageInput,
+        objects: str | list[str] | tuple[str, ...],
+        *,
+        max_new_tokens: int | None = None,
+        constrained: bool = True,
     ) -> DetectResponse:
-        call = _call("/detect", image, objects=_objects(objects), max_new_tokens=max_new_tokens)
+        call = _detect_call(image, objects, max_new_tokens, constrained)
         return await self._post(call, DetectResponse)
 
     async def vqa(

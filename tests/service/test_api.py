@@ -21,7 +21,7 @@ from tests.service.conftest import image_bytes, make_settings
 LEAKS = re.compile(r"Traceback|0x[0-9a-f]{6,}|/tmp/|site-packages|\.py\b")
 
 CASES: list[tuple[str, dict[str, Any], type[Any]]] = [
-    ("/detect", {"objects": "cat ; dog"}, DetectResponse),
+    ("/detect", {"objects": "cat ; dog", "constrained": "false"}, DetectResponse),  # free: it runs to the limit
     ("/vqa", {"question": "what color is it?", "lang": "en"}, VQAResponse),
     ("/caption", {"lang": "en", "detail": "short"}, TextResponse),
     ("/caption", {"lang": "fr", "detail": "long"}, TextResponse),
@@ -58,7 +58,7 @@ def test_multipart(client: TestClient, png: bytes, path: str, fields: dict[str, 
 def test_json(client: TestClient, png: bytes, path: str, fields: dict[str, Any], model: type[Any]) -> None:
     body = {"image": b64(png), **fields, "max_new_tokens": 3}
     if path == "/detect":
-        body["objects"] = ["cat", "dog"]
+        body |= {"objects": ["cat", "dog"], "constrained": False}
     response = client.post(path, json=body)
     assert response.status_code == 200, response.text
     assert model.model_validate(response.json()).usage.completion_tokens == 3
@@ -288,3 +288,24 @@ def test_openapi_documents_both_body_types_with_examples(client: TestClient) -> 
         assert {"400", "413", "415", "422", "503"} <= set(spec["paths"][path]["post"]["responses"])
     assert "examples" in spec["components"]["schemas"]["DetectResponse"]
     assert client.get("/docs").status_code == 200
+
+
+def test_detect_follows_the_grammar_by_default(client: TestClient, png: bytes) -> None:
+    """On the tiny random model, which writes only newlines when free: the grammar makes it answer whole
+    objects with requested labels, every box in the text a detection."""
+
+    def detect(**fields: str) -> dict[str, Any]:
+        data = {"objects": "cat ; dog", "max_new_tokens": "40", **fields}
+        response = client.post("/detect", files={"image": ("x.png", png, "image/png")}, data=data)
+        assert response.status_code == 200, response.text
+        return dict(response.json())
+
+    free, constrained, one = detect(constrained="false"), detect(), detect(max_objects="1")
+    assert free["detections"] == [] and free["usage"]["completion_tokens"] == 40  # free, it writes "\n" x 40
+    for body, most in ((constrained, 40), (one, 1)):
+        assert 1 <= len(body["detections"]) == body["text"].count("<loc") // 4 <= most
+        assert {d["label"] for d in body["detections"]} <= {"cat", "dog"}
+    response = client.post(
+        "/detect", files={"image": ("x.png", png, "image/png")}, data={"objects": "cat", "max_objects": "0"}
+    )
+    assert_error(response, 422, "validation_error")

@@ -92,7 +92,13 @@ def test_segment_multipart_default_budget(seg_client: TestClient) -> None:
 def test_segment_json_with_limits(seg_client: TestClient, png: bytes) -> None:
     import base64
 
-    body = {"image": base64.b64encode(png).decode(), "objects": "cat", "max_new_tokens": 3, "polygons": True}
+    body = {
+        "image": base64.b64encode(png).decode(),
+        "objects": "cat",
+        "max_new_tokens": 3,
+        "polygons": True,
+        "constrained": False,
+    }
     response = seg_client.post("/segment", json=body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 3
