@@ -35,9 +35,10 @@ from finetune.data import Box, DetectionImage, DetectionSet, VQARecord
 from finetune.metrics import coco_map, vqa_accuracy
 from paligemma import prompts
 from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_side
+from paligemma.grammar import GrammarSpec
 from paligemma.parsing import parse_detection_token_ids
 from paligemma.tokens import SpecialIds
-from service.engine import Engine, GenerationRequest
+from service.engine import Engine, Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
 VQA_MAX_NEW_TOKENS = 16
@@ -55,7 +56,11 @@ async def _bounded(engine: Engine, request: GenerationRequest, gate: asyncio.Sem
         return await engine.generate(request)
 
 
-async def predict_detections(
+DetectionAnswer = tuple[DetectionImage, list[str], Generation]
+"""One ``detect`` answer: the image, the classes asked, what the engine generated."""
+
+
+async def detection_answers(
     engine: Engine,
     dataset: DetectionSet,
     classes: Sequence[str] | None = None,
@@ -63,22 +68,39 @@ async def predict_detections(
     classes_per_prompt: int = 0,
     max_new_tokens: int = 64,
     concurrency: int = 64,
-) -> dict[int, list[Box]]:
-    """Boxes per image id: one ``detect ...`` request per image and group of classes."""
+    constrained: bool = False,
+) -> list[DetectionAnswer]:
+    """One ``detect ...`` request per image and group of classes; ``constrained`` decodes each with the
+    detection grammar over its group (``paligemma.grammar``), as the service's ``/detect`` does."""
     names = list(classes or dataset.classes)
     size = classes_per_prompt if classes_per_prompt > 0 else prompts.MAX_OBJECTS
     groups = [names[i : i + size] for i in range(0, len(names), size)]
     tokenizer: Any = engine.tokenizer()
     special = SpecialIds.from_tokenizer(tokenizer)
+    grammars = {
+        tuple(g): GrammarSpec.build(tokenizer, special, int(tokenizer.eos_token_id), g, max_tokens=max_new_tokens)
+        for g in groups
+    }
     gate = asyncio.Semaphore(concurrency)
     jobs: list[tuple[DetectionImage, list[str], Image.Image]] = []
     for image in dataset.images:
         pixels = _load(image.path)
         jobs += [(image, group, pixels) for group in groups]
-    requests = [GenerationRequest(pix, prompts.detect(group), max_new_tokens) for _, group, pix in jobs]
+    requests = [
+        GenerationRequest(
+            pix, prompts.detect(group), max_new_tokens, grammar=grammars[tuple(group)] if constrained else None
+        )
+        for _, group, pix in jobs
+    ]
     generations = await asyncio.gather(*(_bounded(engine, r, gate) for r in requests))
+    return [(image, group, gen) for (image, group, _), gen in zip(jobs, generations, strict=True)]
+
+
+def answers_to_boxes(answers: Sequence[DetectionAnswer], dataset: DetectionSet, tokenizer: Any) -> dict[int, list[Box]]:
+    """Boxes per image id from :func:`detection_answers`, each with its own (asked) label and score."""
+    special = SpecialIds.from_tokenizer(tokenizer)
     out: dict[int, list[Box]] = {image.image_id: [] for image in dataset.images}
-    for (image, group, _), gen in zip(jobs, generations, strict=True):
+    for image, group, gen in answers:
         found = parse_detection_token_ids(
             gen.token_ids,
             image.width,
@@ -92,6 +114,29 @@ async def predict_detections(
             if label is not None:
                 out[image.image_id].append(Box(label, det.box, 1.0 if det.score is None else det.score))
     return out
+
+
+async def predict_detections(
+    engine: Engine,
+    dataset: DetectionSet,
+    classes: Sequence[str] | None = None,
+    *,
+    classes_per_prompt: int = 0,
+    max_new_tokens: int = 64,
+    concurrency: int = 64,
+    constrained: bool = False,
+) -> dict[int, list[Box]]:
+    """Boxes per image id (:func:`detection_answers`, then :func:`answers_to_boxes`)."""
+    answers = await detection_answers(
+        engine,
+        dataset,
+        classes,
+        classes_per_prompt=classes_per_prompt,
+        max_new_tokens=max_new_tokens,
+        concurrency=concurrency,
+        constrained=constrained,
+    )
+    return answers_to_boxes(answers, dataset, engine.tokenizer())
 
 
 async def predict_answers(engine: Engine, records: Sequence[VQARecord], *, concurrency: int = 64) -> list[str]:
