@@ -139,7 +139,7 @@ async def send_error(scope: Scope, send: Send, status: int, code: str, message: 
     """Send the service's JSON error shape straight from a middleware (no body read)."""
     state = scope.get("state") or {}
     request_id = state.get("request_id") if isinstance(state.get("request_id"), str) else None
-    body = json.dumps(error_body(code, message, request_id)).encode()
+    body = json.dumps(error_body(code, message, request_id, path=scope["path"], status=status)).encode()
     raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     await send({"type": "http.response.start", "status": status, "headers": raw})

@@ -17,6 +17,7 @@ from functools import partial
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
@@ -31,6 +32,7 @@ from service.errors import ServiceError, error_body
 from service.images import ImageLimits
 from service.metrics import Metrics
 from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.openai_routes import router as openai_router
 from service.openapi import install_openapi
 from service.routes import router
 from service.segment_routes import router as segment_router
@@ -92,9 +94,15 @@ def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI]
 
 
 def _reply(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    return JSONResponse(error_body(code, message, request_id_of(request.scope)), status_code=status, headers=headers)
+    body = error_body(code, message, request_id_of(request.scope), path=request.url.path, status=status, param=param)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -102,7 +110,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def service_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, ServiceError)
-        return _reply(request, exc.status, exc.code, exc.message, exc.headers())
+        return _reply(request, exc.status, exc.code, exc.message, exc.headers(), exc.param)
 
     async def prompt_error(request: Request, exc: Exception) -> JSONResponse:
         return _reply(request, 422, "bad_prompt", str(exc))  # PromptError texts are written for users
@@ -169,6 +177,7 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     app.state.service = state
     app.include_router(router)
     app.include_router(segment_router)  # /segment and the page at /
+    app.include_router(openai_router)  # /v1/models, /v1/chat/completions
     _install_error_handlers(app)
     install_openapi(app, settings)  # the schema as this configuration serves it (issue 6, schemathesis)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
@@ -177,5 +186,15 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     if settings.api_keys:  # outside admission: unauthenticated traffic never takes a slot
         keys = KeyRing([k.get_secret_value() for k in settings.api_keys])
         app.add_middleware(AuthMiddleware, keys=keys, metrics=admission_metrics)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # outermost: sees every status
+    app.add_middleware(RequestContextMiddleware, metrics=metrics)  # sees every status
+    if settings.cors_origins:  # outermost: a preflight is answered before auth, and errors carry the headers
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-Request-Timeout", "X-Request-ID"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+            allow_credentials=False,
+            max_age=600,
+        )
     return app

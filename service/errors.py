@@ -1,6 +1,7 @@
 """Errors the service returns, each with a status, a stable code and a fixed public message.
 
-Every error body is ``{"error": {"code": "...", "message": "...", "request_id": "..."}}``. Messages are
+Every error body is ``{"error": {"code": "...", "message": "...", "request_id": "..."}}`` (on the
+OpenAI-compatible ``/v1/*`` routes, OpenAI's ``{"error": {"message", "type", "param", "code"}}``). Messages are
 written here or by the prompt validator (which only echoes the user's own text); exception text from
 Pillow, torch or the engine never reaches a client (Pillow's messages have leaked heap addresses before,
 CVE-2026-22778) — details go to the log with the request id.
@@ -12,6 +13,7 @@ CVE-2026-22778) — details go to the log with the request id.
     ├── PayloadTooLarge          413 too_large, image_too_large
     ├── UnsupportedMediaType     415 unsupported_media_type, unsupported_image_format
     ├── ValidationFailed         422 validation_error, bad_prompt
+    ├── ModelNotFound            404 model_not_found (/v1/* only)
     ├── Unavailable              503 not_ready, overloaded, engine_unavailable
     ├── DeadlineExceeded         504 deadline_exceeded
     └── ClientClosedRequest      499 client_closed (logged only: nobody is left to read it)
@@ -29,9 +31,11 @@ class ServiceError(Exception):
     default_code: ClassVar[str] = "internal"
     default_message: ClassVar[str] = "internal error"
 
-    def __init__(self, message: str | None = None, *, code: str | None = None) -> None:
+    def __init__(self, message: str | None = None, *, code: str | None = None, param: str | None = None) -> None:
         self.code = code or self.default_code
         self.message = message or self.default_message
+        self.param = param
+        """The request field at fault, for the OpenAI error shape (``/v1/*``)."""
         super().__init__(self.message)
 
     def headers(self) -> dict[str, str]:
@@ -99,9 +103,27 @@ class ClientClosedRequest(ServiceError):
     default_message = "the client closed the connection"
 
 
-def error_body(code: str, message: str, request_id: str | None) -> dict[str, dict[str, str]]:
-    """The one JSON error shape."""
-    error = {"code": code, "message": message}
+class ModelNotFound(ServiceError):
+    """``/v1/*``: the ``model`` field names neither the served model nor a loaded adapter."""
+
+    status = 404
+    default_code = "model_not_found"
+    default_message = "the model does not exist"
+
+
+OPENAI_PREFIX = "/v1/"
+"""Routes under it speak OpenAI's API, errors included."""
+
+
+def error_body(
+    code: str, message: str, request_id: str | None, *, path: str = "", status: int = 400, param: str | None = None
+) -> dict[str, dict[str, str | None]]:
+    """The JSON error shape: ``{"error": {"code", "message", "request_id"}}``, or on ``/v1/*`` OpenAI's
+    ``{"error": {"message", "type", "param", "code"}}`` (the request id is in the ``X-Request-ID`` header)."""
+    if path.startswith(OPENAI_PREFIX):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    error: dict[str, str | None] = {"code": code, "message": message}
     if request_id:
         error["request_id"] = request_id
     return {"error": error}

@@ -61,7 +61,8 @@ async def _read_multipart(request: Request, max_image_bytes: int) -> tuple[dict[
     return fields, data
 
 
-def _b64decode(text: object, max_image_bytes: int) -> bytes:
+def decode_base64_image(text: object, max_image_bytes: int) -> bytes:
+    """Image bytes from base64 (a ``data:`` URL prefix and line breaks allowed), within the size limit."""
     if not isinstance(text, str):
         raise ValidationFailed("image: must be a base64 string")
     if text.startswith("data:"):  # data:image/png;base64,....
@@ -85,7 +86,7 @@ async def _read_json(request: Request, max_image_bytes: int) -> tuple[dict[str, 
     if "image_url" in payload:  # issue 6: no URL fetching (SSRF); the schema has no such field
         raise ValidationFailed("image_url: fetching images from URLs is disabled; send the image itself as base64")
     image = payload.pop("image", None)
-    return payload, None if image is None else _b64decode(image, max_image_bytes)
+    return payload, None if image is None else decode_base64_image(image, max_image_bytes)
 
 
 async def read_request(request: Request, params_model: type[P], limits: ImageLimits) -> tuple[P, bytes]:

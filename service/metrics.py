@@ -16,10 +16,10 @@ from collections.abc import Callable
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 ENDPOINTS = (
-    *("/detect", "/segment", "/vqa", "/caption", "/ocr", "/"),
+    *("/detect", "/segment", "/vqa", "/caption", "/ocr", "/v1/chat/completions", "/v1/models", "/"),
     *("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json"),
 )
-INFERENCE_ENDPOINTS = ("/detect", "/segment", "/vqa", "/caption", "/ocr")
+INFERENCE_ENDPOINTS = ("/detect", "/segment", "/vqa", "/caption", "/ocr", "/v1/chat/completions")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 8, 13, 20, 30, 60, 120)
 DECODE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)

@@ -101,7 +101,7 @@ class BodyLimitMiddleware:
         return f"the request body is larger than {self.max_bytes} bytes"
 
     async def _reply(self, scope: Scope, send: Send, status: int, code: str, message: str) -> None:
-        body = json.dumps(error_body(code, message, request_id_of(scope))).encode()
+        body = json.dumps(error_body(code, message, request_id_of(scope), path=scope["path"], status=status)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -16,6 +16,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.errors import OPENAI_PREFIX
 from service.settings import Settings
 
 _TIMEOUT_NOTE = (
@@ -23,6 +24,7 @@ _TIMEOUT_NOTE = (
     "(Not a schema parameter: a fuzzer's 1e-300 s deadline would make every 504 look like a server fault.)"
 )
 _ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+_OPENAI_ERROR_REF = {"application/json": {"schema": {"$ref": "#/components/schemas/OpenAIErrorResponse"}}}
 
 
 def _without_null(prop: dict[str, Any]) -> dict[str, Any]:
@@ -53,16 +55,16 @@ def _fix_fields(schema: dict[str, Any], settings: Settings, multipart: bool) -> 
             props["adapter"]["anyOf"] = [{"type": "string", "enum": names}, {"type": "null"}]
 
 
-def _fix_operation(operation: dict[str, Any], settings: Settings) -> None:
-    content = operation["requestBody"]["content"]
-    for media, body in content.items():
+def _fix_operation(operation: dict[str, Any], settings: Settings, openai: bool) -> None:
+    """An inference route (``openai``: one of ``/v1/*``, whose errors have OpenAI's shape)."""
+    for media, body in operation.get("requestBody", {}).get("content", {}).items():
         _fix_fields(body["schema"], settings, multipart=media == "multipart/form-data")
     operation["description"] = operation.get("description", "") + _TIMEOUT_NOTE
-    responses = operation["responses"]
-    responses["503"] = {"description": "Model not ready, overloaded (Retry-After) or draining", "content": _ERROR_REF}
-    responses["504"] = {"description": "Past the deadline; the engine request was aborted", "content": _ERROR_REF}
+    responses, ref = operation["responses"], _OPENAI_ERROR_REF if openai else _ERROR_REF
+    responses["503"] = {"description": "Model not ready, overloaded (Retry-After) or draining", "content": ref}
+    responses["504"] = {"description": "Past the deadline; the engine request was aborted", "content": ref}
     if settings.api_keys:
-        responses["401"] = {"description": "Missing or invalid API key", "content": _ERROR_REF}
+        responses["401"] = {"description": "Missing or invalid API key", "content": ref}
         operation["security"] = [{"bearer": []}]
 
 
@@ -75,10 +77,11 @@ def install_openapi(app: FastAPI, settings: Settings) -> None:
         nonlocal done
         schema = generate()
         if not done:
-            for item in schema.get("paths", {}).values():
-                operation = item.get("post")
-                if operation is not None and "requestBody" in operation:
-                    _fix_operation(operation, settings)
+            for path, item in schema.get("paths", {}).items():
+                openai = path.startswith(OPENAI_PREFIX)
+                for operation in (item.get("post"), item.get("get") if openai else None):
+                    if operation is not None and ("requestBody" in operation or openai):
+                        _fix_operation(operation, settings, openai)
             if settings.api_keys:
                 schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
                 schemes["bearer"] = {"type": "http", "scheme": "bearer"}

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="Bearer keys for the inference routes, comma-separated; empty = no auth"
     )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Origins whose pages may call the API (CORS), comma-separated, e.g. https://app.example.com; "
+        "empty = same origin only; '*' = any (never with cookies or credentials: keys go in Authorization)",
+    )
 
     # vLLM engine (names follow vLLM's AsyncEngineArgs; ignored by the transformers engine)
     max_model_len: int | None = Field(None, ge=16, description="vLLM: longest prompt + output (default: model's)")
@@ -95,6 +100,19 @@ class Settings(BaseSettings):
             return value
         parts = [p for i in items for p in (i.split(",") if isinstance(i, str) else [i])]
         return [p.strip() if isinstance(p, str) else p for p in parts if not isinstance(p, str) or p.strip()]
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: object) -> object:
+        """``PALIGEMMA_CORS_ORIGINS=https://a,https://b`` (or repeated ``--cors-origins``)."""
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, list):
+            return value
+        parts = [p.strip() for i in items for p in str(i).split(",")]
+        for origin in parts:
+            if origin and origin != "*" and not origin.startswith(("http://", "https://")):
+                raise ValueError(f"a CORS origin is scheme://host[:port], got {origin!r}")
+        return [p.rstrip("/") for p in parts if p]
 
     @field_validator("lora")
     @classmethod

@@ -148,6 +148,31 @@ def test_adapter_changes_output_and_unknown_adapter_is_400(server: _Server) -> N
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "unknown_adapter"
 
 
+def test_openai_client_picks_the_adapter_through_model(server: _Server) -> None:
+    import base64
+
+    import openai
+
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    base_name = server.engine.model_name
+    assert [m.id for m in client.models.list()] == [base_name, "shapes"]
+    png = _png(2)
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+        {"type": "text", "text": "caption en"},
+    ]
+
+    def chat(model: str) -> str:
+        messages = [{"role": "user", "content": content}]
+        answer = client.chat.completions.create(model=model, messages=messages, max_tokens=12)  # type: ignore[arg-type]
+        return str(answer.choices[0].message.content)
+
+    files = {"image": ("x.png", png, "image/png")}
+    fields = {"max_new_tokens": "12", "adapter": "shapes"}
+    adapted = httpx.post(f"{server.url}/caption", files=files, data=fields, timeout=60).json()["text"]
+    assert chat("shapes") == adapted != chat(base_name)
+
+
 def _aborted(server: _Server, reason: str) -> float:
     metrics = httpx.get(f"{server.url}/metrics").text
     line = next(
