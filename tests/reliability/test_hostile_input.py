@@ -114,3 +114,28 @@ def test_still_ready_and_no_5xx(server: ServiceProcess, five_xx_before: float) -
     """Runs after the corpus (file order): the server is ready and answered no 5xx to any of it."""
     assert httpx.get(f"{server.url}/readyz").status_code == 200
     assert five_xx(server) == five_xx_before
+
+
+IMAGE_CASES = [c for c in CASES if c.files is not None and c.data == {"objects": "cat ; dog"} and not c.headers]
+"""The cases about the image alone (the others are about form fields the chat route does not have)."""
+
+
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=[c.name for c in IMAGE_CASES])
+def test_hostile_image_through_the_openai_route(client: httpx.Client, case: Case) -> None:
+    """The same image bytes as a chat completion's data URL: the same checks, the same status."""
+    import base64
+
+    assert case.files is not None
+    payload = case.files["image"][1]
+    model = client.get("/v1/models").json()["data"][0]["id"]
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(payload).decode()}},
+        {"type": "text", "text": "caption en"},
+    ]
+    response = client.post(
+        "/v1/chat/completions", json={"model": model, "messages": [{"role": "user", "content": content}]}
+    )
+    assert response.status_code in case.expect, (response.status_code, response.text[:500])
+    assert LEAK.search(response.text) is None, response.text
+    if response.status_code >= 400:
+        assert set(response.json()["error"]) == {"message", "type", "param", "code"}
