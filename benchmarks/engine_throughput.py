@@ -66,7 +66,7 @@ def _open_stock_vllm(settings: Any) -> Any:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    from service.vllm_engine import VLLMEngine
+    from service.engines.vllm_engine import VLLMEngine
 
     @asynccontextmanager
     async def stock() -> Any:
@@ -91,7 +91,7 @@ def _open_stock_vllm(settings: Any) -> Any:
 async def _measure(setup: str, model: str, args: argparse.Namespace) -> dict[str, list[float]]:
     from finetune.demo import DemoConfig
     from finetune.synth import render
-    from service.engine import GenerationRequest
+    from service.engines.protocol import GenerationRequest
 
     images = [render(DemoConfig().heldout_seed, i)[0] for i in range(args.requests)]
     requests, tokens = [], []

@@ -1,5 +1,5 @@
 """PaliGemma 2 3B (224 px) on one GPU: a one-image-at-a-time ``generate`` loop vs the service's batched
-transformers engine (``service.hf_engine.HFEngine``), in images/s and as a fraction of the GPU's compute.
+transformers engine (``service.engines.hf_engine.HFEngine``), in images/s and as a fraction of the GPU's compute.
 
 Nothing is downloaded. The model has the real PaliGemma 2 3B-224 shapes with random weights, built in
 bf16 directly on the GPU (no 12 GB float32 copy on the CPU):
@@ -254,8 +254,8 @@ def run_loop(model: Any, processor: Any, images: list[Any], max_new: int, device
 
 async def run_engine(model: Any, processor: Any, images: list[Any], batch: int, max_new: int) -> tuple[float, int, int]:
     """All images submitted at once to ``HFEngine`` (batches of ``batch``); returns (seconds, tokens, calls)."""
-    from service.engine import GenerationRequest
-    from service.hf_engine import HFEngine
+    from service.engines.hf_engine import HFEngine
+    from service.engines.protocol import GenerationRequest
 
     engine = HFEngine(
         model,

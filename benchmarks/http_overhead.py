@@ -27,8 +27,8 @@ import httpx
 from PIL import Image
 
 from service.client import AsyncClient
-from service.engine import GenerationRequest
 from service.engines import open_engine
+from service.engines.protocol import GenerationRequest
 from service.settings import Settings
 
 PREFIX_OBJECTS = ["cat", "dog"]

@@ -1,4 +1,4 @@
-"""``evaluate(engine, ...)``: batched generation through a service :class:`~service.engine.Engine`, scores,
+"""``evaluate(engine, ...)``: batched generation through a service :class:`~service.engines.protocol.Engine`, scores,
 a JSON report and comparison pictures.
 
 Generation goes through the same engines the HTTP service uses (transformers or vLLM), so what is scored is
@@ -38,7 +38,7 @@ from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_si
 from paligemma.grammar import GrammarSpec
 from paligemma.parsing import parse_detection_token_ids
 from paligemma.tokens import SpecialIds
-from service.engine import Engine, Generation, GenerationRequest
+from service.engines.protocol import Engine, Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
 VQA_MAX_NEW_TOKENS = 16

@@ -42,10 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     from service.app import create_app
-    from service.drain import SHUTDOWN_GRACE_S, DrainingServer
+    from service.guards.drain import SHUTDOWN_GRACE_S, DrainingServer
 
     app = create_app(settings)
-    server = DrainingServer(  # SIGTERM: drain admitted requests, then exit 0 (service/drain.py)
+    server = DrainingServer(  # SIGTERM: drain admitted requests, then exit 0 (service/guards/drain.py)
         uvicorn.Config(
             app,
             host=settings.host,

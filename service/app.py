@@ -23,20 +23,20 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from paligemma import PromptError, SpecialIds
-from service.admission import Admission, AdmissionMetrics, AdmissionMiddleware
-from service.auth import AuthMiddleware, KeyRing
+from service.api.images import ImageLimits
+from service.api.openai_routes import router as openai_router
+from service.api.openapi import install_openapi
+from service.api.routes import router
+from service.api.segment_routes import router as segment_router
+from service.api.segments import load_mask_decoder
 from service.deps import ServiceState
-from service.engine import Engine, EngineDeadError, EngineError, EngineOverloadedError, UnknownAdapterError
 from service.engines import open_engine
+from service.engines.protocol import Engine, EngineDeadError, EngineError, EngineOverloadedError, UnknownAdapterError
 from service.errors import ServiceError, error_body
-from service.images import ImageLimits
+from service.guards.admission import Admission, AdmissionMetrics, AdmissionMiddleware
+from service.guards.auth import AuthMiddleware, KeyRing
+from service.guards.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.metrics import Metrics
-from service.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
-from service.openai_routes import router as openai_router
-from service.openapi import install_openapi
-from service.routes import router
-from service.segment_routes import router as segment_router
-from service.segments import load_mask_decoder
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

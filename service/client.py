@@ -23,7 +23,7 @@ import httpx
 from PIL import Image
 from pydantic import BaseModel
 
-from service.schemas import DetectResponse, TextResponse, VQAResponse
+from service.api.schemas import DetectResponse, TextResponse, VQAResponse
 
 ImageInput = str | os.PathLike[str] | bytes | Image.Image
 T = TypeVar("T", bound=BaseModel)

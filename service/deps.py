@@ -15,10 +15,10 @@ from fastapi import Depends, Request
 
 from paligemma import SpecialIds
 from paligemma.segmentation import MaskDecoder
-from service.admission import Admission
-from service.engine import Engine
+from service.api.images import ImageLimits
+from service.engines.protocol import Engine
 from service.errors import Unavailable
-from service.images import ImageLimits
+from service.guards.admission import Admission
 from service.metrics import Metrics
 from service.settings import Settings
 

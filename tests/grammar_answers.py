@@ -7,7 +7,7 @@ from typing import Any
 from paligemma.grammar import GrammarSpec
 from paligemma.parsing import parse_detection_token_ids
 from paligemma.tokens import SpecialIds
-from service.engine import Generation, GenerationRequest
+from service.engines.protocol import Generation, GenerationRequest
 
 LABEL_SETS = [["red circle", "square"], ["cat"], ["dog", "blue triangle", "house"], ["yellow star", "tree"]]
 

@@ -34,4 +34,4 @@ if ! err=$("$VENV/bin/python" -c "import torchvision" 2>&1); then
 fi
 "$VENV/bin/python" -c "import torch, torchvision, transformers, vllm; print(f'torch {torch.__version__}, transformers {transformers.__version__}, vllm {vllm.__version__}')"
 # vLLM finds the project's prefix-LM plugin through the package's entry point (service/vllm_plugin)
-"$VENV/bin/python" -c "from service.vllm_plugin import plugin_active; assert plugin_active(), 'vLLM does not see the paligemma_prefix_lm plugin'"
+"$VENV/bin/python" -c "from service.engines.vllm_plugin import plugin_active; assert plugin_active(), 'vLLM does not see the paligemma_prefix_lm plugin'"

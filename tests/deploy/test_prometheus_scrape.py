@@ -47,8 +47,8 @@ VLLM_SERIES = {
     "vllm:kv_cache_usage_perc",
     "vllm:generation_tokens_total",
 }
-# The vLLM test runs once service/engines.py opens the vLLM engine (not just mentions it in a comment).
-VLLM_WIRED = "from service.vllm_engine import" in (ROOT / "service" / "engines.py").read_text()
+# The vLLM test runs once service/engines/factory.py opens the vLLM engine (not just mentions it in a comment).
+VLLM_WIRED = "from service.engines.vllm_engine import" in (ROOT / "service" / "engines.py").read_text()
 
 
 def free_port() -> int:
@@ -236,7 +236,7 @@ def test_prometheus_scrapes_transformers_service(tiny_checkpoint: Path, promethe
 
 
 @pytest.mark.vllm
-@pytest.mark.skipif(not VLLM_WIRED, reason="service/engines.py does not open service.vllm_engine yet")
+@pytest.mark.skipif(not VLLM_WIRED, reason="service/engines/factory.py does not open service.engines.vllm_engine yet")
 def test_prometheus_scrapes_vllm_service(tiny_checkpoint: Path, prometheus_bin: str, tmp_path: Path) -> None:
     for base in start_service(tiny_checkpoint, "vllm", tmp_path, timeout=600):
         for prom in start_prometheus(prometheus_bin, base.removeprefix("http://"), tmp_path):

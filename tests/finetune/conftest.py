@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.engine import Generation, GenerationRequest
+from service.engines.protocol import Generation, GenerationRequest
 
 
 @pytest.fixture(scope="session")
@@ -20,7 +20,7 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class FakeEngine:
-    """An :class:`service.engine.Engine` that answers from ``reply(request) -> text`` (tokenized for real)."""
+    """An :class:`service.engines.protocol.Engine` that answers from ``reply(request) -> text`` (tokenized for real)."""
 
     name = "fake"
     model_name = "fake-model"

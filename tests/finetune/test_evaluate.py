@@ -13,7 +13,7 @@ from transformers import PaliGemmaProcessor
 from finetune.data import Box, DetectionSet, load_coco, load_vqa
 from finetune.evaluate import comparison_picture, evaluate, open_engine
 from paligemma.tokens import encode_box
-from service.engine import GenerationRequest
+from service.engines.protocol import GenerationRequest
 from tests.finetune.conftest import FakeEngine
 
 

@@ -84,7 +84,7 @@ def vllm_settings(checkpoint: Path, adapter: Path, **overrides: Any) -> Any:
 
 @pytest.fixture(scope="module")
 def vllm_engine(engine_loop: LoopThread, varied_checkpoint: Path, lora_adapter: Path) -> Iterator[Any]:
-    from service.vllm_engine import open_vllm_engine
+    from service.engines.vllm_engine import open_vllm_engine
 
     manager = open_vllm_engine(vllm_settings(varied_checkpoint, lora_adapter))
     engine = engine_loop.run(manager.__aenter__())

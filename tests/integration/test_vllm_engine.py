@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from service.engine import GenerationRequest, UnknownAdapterError
+from service.engines.protocol import GenerationRequest, UnknownAdapterError
 from tests.integration.cases import PROMPTS, images, prefix_lm_reference
 
 pytestmark = pytest.mark.vllm
@@ -116,7 +116,7 @@ def test_constrained_answers_are_whole_and_equal_the_transformers_engine(
 ) -> None:
     """The grammar as vLLM's per-request logits processor: whole answers, label sets kept apart in one
     batch, the same ids and raw logprobs as the transformers engine's grammar."""
-    from service.hf_engine import open_hf_engine
+    from service.engines.hf_engine import open_hf_engine
     from tests.grammar_answers import check_complete, constrained_requests
     from tests.service.conftest import make_settings
 

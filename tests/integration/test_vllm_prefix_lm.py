@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from service.engine import GenerationRequest
+from service.engines.protocol import GenerationRequest
 from tests.integration.cases import PROMPTS, images, prefix_lm_reference
 from tests.integration.conftest import LoopThread
 from tests.integration.test_vllm_engine import _run_offline
@@ -58,7 +58,7 @@ def _generate_all(loop: LoopThread, settings: Any, requests: list[GenerationRequ
     """Start the service's vLLM engine, run ``requests`` (all at once, or one at a time too), stop it."""
     from prometheus_client import REGISTRY
 
-    from service.vllm_engine import open_vllm_engine
+    from service.engines.vllm_engine import open_vllm_engine
 
     def preemptions() -> float:
         counters = (s for m in REGISTRY.collect() if m.name == "vllm:num_preemptions" for s in m.samples)
@@ -105,7 +105,7 @@ def test_engine_refuses_to_start_without_the_plugin(varied_checkpoint: Path) -> 
     code = (
         "import asyncio\n"
         "from service.settings import Settings\n"
-        "from service.vllm_engine import open_vllm_engine\n"
+        "from service.engines.vllm_engine import open_vllm_engine\n"
         "async def main():\n"
         f"    async with open_vllm_engine(Settings(model={str(varied_checkpoint)!r}, engine='vllm')):\n"
         "        pass\n"
@@ -119,7 +119,7 @@ def test_engine_refuses_to_start_without_the_plugin(varied_checkpoint: Path) -> 
 def test_settings_that_split_or_recompute_a_prompt_are_refused(varied_checkpoint: Path) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
-    from service.vllm_plugin import SCHEDULER_CLASS, prefix_lm_problems
+    from service.engines.vllm_plugin import SCHEDULER_CLASS, prefix_lm_problems
 
     def problems(**overrides: Any) -> list[str]:
         values: dict[str, Any] = {

@@ -18,10 +18,10 @@ from PIL import Image
 
 from paligemma import SpecialIds
 from paligemma.segmentation import MaskDecoder
+from service.api.schemas import SegmentResponse
+from service.api.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
 from service.app import create_app
-from service.engine import Generation
-from service.schemas import SegmentResponse
-from service.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
+from service.engines.protocol import Generation
 from tests.integration.conftest import vllm_settings
 from tests.integration.test_vllm_service import _png, _Server
 from tests.service.test_segment import ANSWER, SEGS, weights  # noqa: F401  (module fixture)

@@ -21,11 +21,11 @@ from PIL import Image
 from paligemma import SpecialIds
 from paligemma.draw import PREDICTION, draw_detections
 from paligemma.segmentation import MaskDecoder
-from service.annotate import annotated_png, from_response
+from service.api.annotate import annotated_png, from_response
+from service.api.schemas import Detection
+from service.api.segments import build_segments
 from service.app import create_app
-from service.engine import Generation
-from service.schemas import Detection
-from service.segments import build_segments
+from service.engines.protocol import Generation
 from tests.demo_model import find_detection
 from tests.service.conftest import image_bytes, make_settings
 from tests.service.test_segment import ANSWER, weights  # noqa: F401  (module fixture)

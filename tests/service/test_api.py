@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.schemas import DetectResponse, TextResponse, VQAResponse
 from service.app import create_app
-from service.schemas import DetectResponse, TextResponse, VQAResponse
 from tests.service.conftest import image_bytes, make_settings
 
 LEAKS = re.compile(r"Traceback|0x[0-9a-f]{6,}|/tmp/|site-packages|\.py\b")

@@ -17,8 +17,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from service.engine import Generation, GenerationRequest, UnknownAdapterError
-from service.hf_engine import open_hf_engine
+from service.engines.hf_engine import open_hf_engine
+from service.engines.protocol import Generation, GenerationRequest, UnknownAdapterError
 from tests.service.conftest import make_settings
 
 

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 
 from paligemma import SpecialIds
-from service.detections import build_detections
-from service.engine import Generation
+from service.api.detections import build_detections
+from service.engines.protocol import Generation
 
 
 @pytest.fixture(scope="module")

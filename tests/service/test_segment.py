@@ -2,7 +2,7 @@
 
 The tiny random checkpoint rarely emits loc tokens, so the route tests check shapes, statuses and token
 budgets; the mask path is checked end to end by feeding the token ids of a real ``segment`` answer
-(tokenized with the tiny checkpoint's tokenizer) through :func:`service.segments.build_segments`, the
+(tokenized with the tiny checkpoint's tokenizer) through :func:`service.api.segments.build_segments`, the
 function the route calls, with a random decoder in ``vae-oid.npz``'s layout.
 """
 
@@ -20,10 +20,10 @@ from pycocotools import mask as coco_mask
 
 from paligemma import SpecialIds
 from paligemma.segmentation import MaskDecoder, paste_mask, pixel_box, write_random_weights
+from service.api.schemas import SegmentResponse
+from service.api.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
 from service.app import create_app
-from service.engine import Generation
-from service.schemas import SegmentResponse
-from service.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
+from service.engines.protocol import Generation
 from tests.service.conftest import image_bytes, make_settings
 from tests.service.test_api import assert_error
 

@@ -19,7 +19,7 @@ from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from service.vllm_plugin import PrefixLMNotActiveError, prefix_lm_problems
+from service.engines.vllm_plugin import PrefixLMNotActiveError, prefix_lm_problems
 
 logger = init_logger(f"vllm.{__name__}")  # under "vllm" so the engine core process logs it
 

@@ -4,7 +4,7 @@ The only module that imports vLLM (lazily, inside functions). vLLM's EngineCore 
 process; this process keeps tokenization, image preprocessing, detokenization and vLLM's own Prometheus
 metrics (``vllm:*`` in the default registry). The prompt is the task prefix alone: vLLM's PaliGemma
 processor inserts ``<image>`` x N and ``<bos>`` and appends ``"\\n"``. The project's vLLM plugin
-(:mod:`service.vllm_plugin`) makes that whole prompt one bidirectional block, as PaliGemma was trained;
+(:mod:`service.engines.vllm_plugin`) makes that whole prompt one bidirectional block, as PaliGemma was trained;
 the engine refuses to start without it.
 
 Cancelling the task that awaits :meth:`VLLMEngine.generate` aborts the request inside vLLM (its
@@ -21,7 +21,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from service.engine import (
+from service.engines.protocol import (
     EngineDeadError,
     EngineError,
     FinishReason,
@@ -29,8 +29,8 @@ from service.engine import (
     GenerationRequest,
     UnknownAdapterError,
 )
+from service.engines.vllm_plugin import GRAMMAR_KEY, GRAMMAR_PROCESSOR, SCHEDULER_CLASS, require_prefix_lm
 from service.settings import Settings
-from service.vllm_plugin import GRAMMAR_KEY, GRAMMAR_PROCESSOR, SCHEDULER_CLASS, require_prefix_lm
 
 VLLMDType = Literal["auto", "bfloat16", "float16", "float32"]
 LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
@@ -199,7 +199,7 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     loras = settings.loras
     ranks = [_adapter_rank(path) for path in loras.values()]
     args = AsyncEngineArgs(
-        # PaliGemma's prefix-LM mask (service.vllm_plugin): each prompt in one pass, never recomputed
+        # PaliGemma's prefix-LM mask (service.engines.vllm_plugin): each prompt in one pass, never recomputed
         enable_chunked_prefill=False,
         enable_prefix_caching=False,
         scheduler_cls=SCHEDULER_CLASS,

@@ -16,7 +16,7 @@ import torch
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
 from paligemma.grammar import DetectionGrammar, GrammarSpec
-from service.vllm_plugin import GRAMMAR_KEY
+from service.engines.vllm_plugin import GRAMMAR_KEY
 
 
 class _RowGrammar:

@@ -1,7 +1,7 @@
 """The one door to the model: the ``Engine`` protocol that the HTTP layer and the evaluator talk to.
 
-Engines (``service.hf_engine`` for transformers, ``service.vllm_engine`` for vLLM) take a task prefix and
-an image and return generated token ids with per-token logprobs. They know nothing about HTTP, boxes or
+Engines (``service.engines.hf_engine`` for transformers, ``service.engines.vllm_engine`` for vLLM) take a
+task prefix and an image and return generated token ids with per-token logprobs. They know nothing about HTTP, boxes or
 JSON; the format layer (``paligemma``) turns ids into detections.
 
 Cancelling the task that awaits :meth:`Engine.generate` must abort the request inside the engine (client

@@ -17,7 +17,7 @@ from fastapi import Query, Response
 from PIL.Image import Image
 
 from paligemma.draw import Drawable, draw_detections
-from service.schemas import Detection
+from service.api.schemas import Detection
 
 ANNOTATED = Query(
     False,

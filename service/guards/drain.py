@@ -3,7 +3,7 @@
 Order (as vLLM ``--shutdown-timeout``, Triton ``--exit-timeout-secs``, TGI ``--graceful-termination-timeout``):
 
 1. ``/readyz`` answers 503 ``draining`` and every new inference request gets 503 ``draining`` with
-   ``Retry-After`` (:mod:`service.admission`), so the load balancer moves traffic elsewhere;
+   ``Retry-After`` (:mod:`service.guards.admission`), so the load balancer moves traffic elsewhere;
 2. admitted requests (running or waiting for a slot) finish, for at most ``drain_timeout_s``;
 3. uvicorn's own graceful shutdown (``SHUTDOWN_GRACE_S``: requests still running are cancelled, which
    aborts them in the engine), the lifespan closes the engine, and the process exits with
@@ -24,7 +24,7 @@ from types import FrameType
 
 import uvicorn
 
-from service.admission import Admission
+from service.guards.admission import Admission
 
 log = logging.getLogger(__name__)
 

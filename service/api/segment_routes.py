@@ -2,7 +2,7 @@
 
 ``/segment`` is ``/detect`` with the ``segment`` prefix: same fields (plus ``polygons``), same boxes,
 labels and scores, and per detection a ``mask`` decoded from the model's 16 ``<seg>`` tokens by the mask
-decoder loaded at startup (:mod:`service.segments`). Any engine works: the masks are made here from the
+decoder loaded at startup (:mod:`service.api.segments`). Any engine works: the masks are made here from the
 generated token ids.
 """
 
@@ -18,15 +18,15 @@ from fastapi.responses import FileResponse, HTMLResponse
 
 from paligemma import prompts
 from paligemma.segmentation import MaskDecoder
-from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png
+from service.api.annotate import ANNOTATED, PNG_RESPONSE, annotated_png
+from service.api.intake import read_request
+from service.api.routes import ERROR_RESPONSES, body_docs, decode_and_generate, elapsed_ms, usage_of
+from service.api.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
+from service.api.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
 from service.deps import EngineDep, StateDep, get_state
 from service.errors import Unavailable
-from service.intake import read_request
-from service.routes import ERROR_RESPONSES, body_docs, decode_and_generate, elapsed_ms, usage_of
-from service.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
-from service.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
 
-STATIC = Path(__file__).resolve().parent / "static"
+STATIC = Path(__file__).resolve().parents[1] / "static"
 
 router = APIRouter()
 

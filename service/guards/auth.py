@@ -1,7 +1,7 @@
 """Optional bearer-key auth (``api_keys``), checked before admission and before the body is read.
 
 With no keys configured everything is open. With keys, every route except the probes, ``/metrics``, the
-docs and the page (:func:`service.admission.is_exempt`) needs ``Authorization: Bearer <key>``; anything
+docs and the page (:func:`service.guards.admission.is_exempt`) needs ``Authorization: Bearer <key>``; anything
 else gets ``401`` with ``WWW-Authenticate: Bearer``. The presented key is compared against *every*
 configured key with :func:`hmac.compare_digest` over SHA-256 digests (equal lengths, no early exit), so
 the time taken does not depend on which key matched or how much of a key was right. Keys never reach
@@ -15,7 +15,7 @@ import hmac
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.admission import AdmissionMetrics, is_exempt, send_error
+from service.guards.admission import AdmissionMetrics, is_exempt, send_error
 
 
 def _digest(key: str | bytes) -> bytes:

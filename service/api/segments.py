@@ -1,7 +1,7 @@
 """Generated token ids -> ``/segment`` detections with masks, and the mask decoder's life on the app.
 
 A ``segment`` answer is ``<loc>x4 <seg>x16 label`` per object. The boxes, labels and scores are exactly
-``/detect``'s (:func:`service.detections.labelled_detections`); each detection whose seg run has 16 tokens
+``/detect``'s (:func:`service.api.detections.labelled_detections`); each detection whose seg run has 16 tokens
 is decoded by big_vision's VQ-VAE decoder (:class:`paligemma.segmentation.MaskDecoder`), pasted into its
 box and encoded as COCO RLE (:func:`paligemma.masks.mask_to_json`). The decoder weights (``vae-oid.npz``)
 are a download of their own, so the setting is optional: without it ``/segment`` answers 503
@@ -19,10 +19,10 @@ from paligemma import Detection as ParsedDetection
 from paligemma import SpecialIds
 from paligemma.masks import mask_to_json
 from paligemma.segmentation import WEIGHTS_ENV, WEIGHTS_FLAG, WEIGHTS_HTTPS_URL, MaskDecoder, attach_masks
-from service.detections import labelled_detections, to_response
-from service.engine import Generation
+from service.api.detections import labelled_detections, to_response
+from service.api.schemas import Mask, SegmentDetection
+from service.engines.protocol import Generation
 from service.errors import ServiceError
-from service.schemas import Mask, SegmentDetection
 from service.settings import Settings
 
 log = logging.getLogger(__name__)

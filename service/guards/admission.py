@@ -4,7 +4,7 @@
 ``max_queued_requests`` more wait for a slot *before their body is read*; anything beyond gets
 ``503 overloaded`` with ``Retry-After`` at once, without reading or decoding a byte of the image (vLLM
 #58192 checked its queue limit only after seconds of image processing). After SIGTERM (see
-:mod:`service.drain`) every new request gets ``503 draining`` while the admitted ones finish.
+:mod:`service.guards.drain`) every new request gets ``503 draining`` while the admitted ones finish.
 
 Probes, metrics, the docs and the page at ``/`` are exempt: a full server must still answer its probes.
 The middleware is pure ASGI (no ``BaseHTTPMiddleware``) so nothing reads or buffers the body early.

@@ -4,7 +4,7 @@ Each inference handler is the same four steps: read and validate the fields (che
 build the prefix with :mod:`paligemma.prompts`, decode the image in the pool, call the engine through
 ``EngineDep``. Handlers hold no model code; engines hold no HTTP code. The helpers without a leading
 underscore (``ERROR_RESPONSES``, ``body_docs``, ``decode_and_generate``, ``usage_of``, ``elapsed_ms``) are
-shared with :mod:`service.segment_routes`.
+shared with :mod:`service.api.segment_routes`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,10 @@ from pydantic import BaseModel
 
 from paligemma import prompts, score_from_logprobs
 from paligemma.grammar import GrammarSpec
-from service.annotate import ANNOTATED, PNG_RESPONSE, annotated_png, from_response
-from service.cancellation import run_guarded
-from service.deps import EngineDep, ServiceState, StateDep
-from service.detections import build_detections
-from service.engine import Engine, Generation, GenerationRequest
-from service.errors import ClientClosedRequest, DeadlineExceeded, Unavailable, ValidationFailed
-from service.intake import decode, read_request
-from service.middleware import request_id_of
-from service.schemas import (
+from service.api.annotate import ANNOTATED, PNG_RESPONSE, annotated_png, from_response
+from service.api.detections import build_detections
+from service.api.intake import decode, read_request
+from service.api.schemas import (
     OCRJSON,
     VQAJSON,
     CaptionJSON,
@@ -44,6 +39,11 @@ from service.schemas import (
     VQAParams,
     VQAResponse,
 )
+from service.deps import EngineDep, ServiceState, StateDep
+from service.engines.protocol import Engine, Generation, GenerationRequest
+from service.errors import ClientClosedRequest, DeadlineExceeded, Unavailable, ValidationFailed
+from service.guards.cancellation import run_guarded
+from service.guards.middleware import request_id_of
 
 router = APIRouter()
 TIMEOUT_HEADER = "X-Request-Timeout"

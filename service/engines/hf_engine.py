@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
-from service.engine import (
+from service.engines.protocol import (
     EngineDeadError,
     EngineError,
     EngineOverloadedError,
@@ -93,7 +93,7 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.d
 
 
 class HFEngine:
-    """The :class:`service.engine.Engine` over transformers; build it with :func:`open_hf_engine`."""
+    """The :class:`service.engines.protocol.Engine` over transformers; build it with :func:`open_hf_engine`."""
 
     name = "transformers"
 

@@ -17,8 +17,8 @@ from typing import Any
 
 from paligemma import Detection as ParsedDetection
 from paligemma import SpecialIds, parse_detection_token_ids
-from service.engine import Generation
-from service.schemas import Box, Detection
+from service.api.schemas import Box, Detection
+from service.engines.protocol import Generation
 
 
 def labelled_detections(

@@ -14,7 +14,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 
-from service.engine import Engine
+from service.engines.protocol import Engine
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def open_engine(
 def _open_vllm(settings: Settings) -> AbstractAsyncContextManager[Engine]:
     if importlib.util.find_spec("vllm") is None:
         raise EngineNotAvailableError("--engine vllm needs vLLM: install the `gpu` (CUDA) or `cpu` extra")
-    from service.vllm_engine import open_vllm_engine
+    from service.engines.vllm_engine import open_vllm_engine
 
     return open_vllm_engine(settings)
 
@@ -68,7 +68,7 @@ def _open_transformers(
             "--lora (per-request adapters) needs --engine vllm; for transformers, merge the adapter first "
             "(python -m finetune merge)"
         )
-    from service.hf_engine import open_hf_engine
+    from service.engines.hf_engine import open_hf_engine
 
     return open_hf_engine(settings, on_batch=on_batch)
 

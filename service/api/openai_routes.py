@@ -26,14 +26,14 @@ from pydantic import ValidationError
 
 from paligemma import prompts
 from paligemma.grammar import DEFAULT_MAX_OBJECTS
+from service.api.detections import labelled_detections, to_response
+from service.api.intake import decode_base64_image
+from service.api.openai_schemas import ChatCompletionRequest, ImagePart, Model, ModelList, OpenAIErrorResponse, TextPart
+from service.api.routes import decode_and_generate
 from service.deps import EngineDep, StateDep
-from service.detections import labelled_detections, to_response
-from service.engine import Generation
+from service.engines.protocol import Generation
 from service.errors import BadRequest, ModelNotFound, Unavailable
-from service.intake import decode_base64_image
-from service.middleware import request_id_of
-from service.openai_schemas import ChatCompletionRequest, ImagePart, Model, ModelList, OpenAIErrorResponse, TextPart
-from service.routes import decode_and_generate
+from service.guards.middleware import request_id_of
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 CREATED = int(time.time())

@@ -4,12 +4,12 @@ PaliGemma attends bidirectionally over one block, image + ``<bos>`` + prefix + `
 generated tokens are causal. Stock vLLM 0.32 makes only the image tokens bidirectional on CUDA and
 nothing on CPU. This plugin, loaded by vLLM in every process it starts (entry point group
 ``vllm.general_plugins``, see ``pyproject.toml``), replaces the PaliGemma architecture with
-:class:`~service.vllm_plugin.model.PaliGemmaPrefixLM`, whose text attention runs non-causally over
+:class:`~service.engines.vllm_plugin.model.PaliGemmaPrefixLM`, whose text attention runs non-causally over
 the prompt. The service sends the task prefix alone, so the whole prompt is the prefix and every later
 token is a one-token decode step: exactly PaliGemma's mask.
 
 That holds only while each prompt is computed in one pass and never recomputed with its generated
-tokens. :mod:`service.vllm_plugin.scheduler` makes sure of it (no chunked prefill, no prefix caching, no
+tokens. :mod:`service.engines.vllm_plugin.scheduler` makes sure of it (no chunked prefill, no prefix caching, no
 preemption). :func:`require_prefix_lm` is the engine's startup check. Importing this module is cheap:
 vLLM is imported only by :func:`register` and the two submodules.
 """
@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 ARCHITECTURE = "PaliGemmaForConditionalGeneration"
-MODEL_CLASS = "service.vllm_plugin.model:PaliGemmaPrefixLM"
-SCHEDULER_CLASS = "service.vllm_plugin.scheduler.prefix_lm_scheduler"
+MODEL_CLASS = "service.engines.vllm_plugin.model:PaliGemmaPrefixLM"
+SCHEDULER_CLASS = "service.engines.vllm_plugin.scheduler.prefix_lm_scheduler"
 ENTRY_POINT = "paligemma_prefix_lm"
-GRAMMAR_PROCESSOR = "service.vllm_plugin.grammar:DetectionGrammarProcessor"
-"""The detection grammar's logits processor (``--logits-processors``), see :mod:`service.vllm_plugin.grammar`."""
+GRAMMAR_PROCESSOR = "service.engines.vllm_plugin.grammar:DetectionGrammarProcessor"
+"""The detection grammar's logits processor (``--logits-processors``), in :mod:`.grammar`."""
 GRAMMAR_KEY = "paligemma_grammar"
 """Where a request's grammar travels: ``SamplingParams.extra_args[GRAMMAR_KEY]``."""
 
