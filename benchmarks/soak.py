@@ -7,7 +7,7 @@ checkpoint built in a temporary directory, 4 new tokens) on a free loopback port
 process's RSS from ``/proc``. Every image is different (random noise, random size 32..320 px, PNG or
 JPEG), so no cache can hide a leak; the endpoints rotate through /detect, /vqa, /caption and /ocr. It
 prints RSS at start (after 200 warm-up requests), every 1000 requests, and at the end, plus the error
-count. Not a test: not in CI (it takes a while); README "Reliability and security" records a run.
+count. Not a test: not in CI (it takes a while); docs/reliability.md records a run.
 """
 
 # ruff: noqa: T201  (a command-line benchmark: the figures go to stdout)

@@ -9,7 +9,7 @@ transformers engine) gives image + prompt one bidirectional block; the project's
 (service/vllm_plugin) restores that block. This measures it on a model trained with the real prefix-LM
 objective: an image *agrees* when both engines return the same labels and every vLLM box has a same-label
 transformers box with IoU >= 0.9 (one-to-one). It also prints each engine's mAP@0.5 against the ground
-truth (README, "Engines": 100/100 with the plugin, 5/100 without).
+truth (docs/engines.md: 100/100 with the plugin, 5/100 without).
 """
 
 from __future__ import annotations

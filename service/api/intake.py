@@ -1,7 +1,7 @@
 """Request bodies -> validated fields + image bytes, then bytes -> image in the decode pool.
 
 Both body forms reach the same pydantic model: multipart (``image`` file part, other fields as text;
-``objects`` may repeat) and JSON (``image`` as base64). Status choices, documented in the README:
+``objects`` may repeat) and JSON (``image`` as base64). Status choices, documented in docs/serving.md:
 a body that cannot be read (bad JSON, base64, multipart) is 400; readable fields that are missing, of the
 wrong type or out of range are 422; a body type other than the two is 415.
 """

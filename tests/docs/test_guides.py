@@ -20,7 +20,12 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-GUIDES = ("docs/how-paligemma-works.md", "docs/finetune-guide.md")
+GUIDES = tuple(
+    str(page.relative_to(REPO))
+    for page in sorted((REPO / "docs").glob("*.md"))
+    if "```bash runnable" in page.read_text()
+)
+"""Every docs page with a runnable block (blocks that need a GPU, a download or minutes of training are not marked)."""
 BLOCK = re.compile(r"^```bash runnable[^\n]*\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 BLOCK_TIMEOUT_S = 300
 
@@ -54,6 +59,24 @@ def _environment() -> dict[str, str]:
 def test_block_extraction_keeps_order_and_skips_plain_blocks() -> None:
     text = "```bash\nnot me\n```\n```bash runnable\necho one\n```\ntext\n```bash runnable\necho two\n```\n"
     assert runnable_blocks(text) == ["echo one\n", "echo two\n"]
+
+
+def test_the_guides_are_found() -> None:
+    assert {"docs/how-paligemma-works.md", "docs/finetune-guide.md", "docs/architecture.md"} <= set(GUIDES)
+
+
+def test_every_relative_link_in_the_readme_and_docs_resolves() -> None:
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    links = [
+        (page, target)
+        for page in pages
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)|src=\"([^\"]+)\"", page.read_text())
+        for target in target
+        if target and not target.startswith(("http://", "https://", "mailto:"))
+    ]
+    assert len(links) > 20
+    missing = [f"{page.relative_to(REPO)} -> {target}" for page, target in links if not (page.parent / target).exists()]
+    assert missing == []
 
 
 @pytest.mark.slow

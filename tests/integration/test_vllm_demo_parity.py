@@ -3,7 +3,7 @@
 Two real servers on loopback in this process, one per engine, and 100 held-out images of the demo's
 own held-out set (tests/demo_model.py). Then a LoRA adapter on the demo model: selected per request on
 vLLM, against the transformers engine serving the merged checkpoint (``python -m finetune merge``).
-Before the prefix-LM plugin, vLLM-CPU's texts matched on 0-8 of 100 images (README, "Engines").
+Before the prefix-LM plugin, vLLM-CPU's texts matched on 0-8 of 100 images (docs/engines.md).
 """
 
 from __future__ import annotations
