@@ -34,9 +34,9 @@ class ServiceProcess:
     :meth:`log` (a pipe nobody reads would block the server once full).
     """
 
-    def __init__(self, checkpoint: Path, args: Sequence[str] = (), **settings: object) -> None:
+    def __init__(self, checkpoint: Path, args: Sequence[str] = (), port: int | None = None, **settings: object) -> None:
         engine = str(settings.pop("engine", "transformers"))
-        self.port = free_port()
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **{f"PALIGEMMA_{k.upper()}": str(v) for k, v in settings.items()}}
         env.setdefault("PALIGEMMA_MAX_NEW_TOKENS", "3")
