@@ -65,3 +65,14 @@ def test_every_replica_overloaded_gives_503_with_retry_after(cluster: Cluster) -
     assert 503 in statuses  # 3 replicas x 4 places < 48 at once
     assert all(r.headers.get("retry-after") for r in responses if r.status_code == 503)
     assert all(r.json()["text"] == cluster.expected for r in responses if r.status_code == 200)
+
+
+def test_no_replica_left_gives_503_not_502(cluster: Cluster) -> None:
+    """Last, since it stops them: with every replica gone nginx answers the service's 503 shape itself."""
+    for replica in cluster.replicas:
+        replica.process.kill()
+        replica.process.wait(timeout=30)
+    response = cluster.detect(cluster.nginx.url)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["code"] == "no_replica"
