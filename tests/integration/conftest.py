@@ -31,14 +31,13 @@ class LoopThread:
         self._thread.join(10)
 
 
-@pytest.fixture(scope="session")
-def lora_adapter(varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A PEFT LoRA adapter on the language model of the varied tiny checkpoint, far from identity."""
+def random_lora(checkpoint: Path, out: Path, *, std: float, seed: int) -> Path:
+    """A PEFT LoRA adapter (r 8) on the language model of ``checkpoint`` with ``lora_B`` drawn at ``std``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import PaliGemmaForConditionalGeneration
 
-    model = PaliGemmaForConditionalGeneration.from_pretrained(varied_checkpoint)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(checkpoint)
     config = LoraConfig(
         r=8,
         lora_alpha=16,
@@ -46,14 +45,19 @@ def lora_adapter(varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFacto
         target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
     )
     peft_model = get_peft_model(model, config)
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.normal_(0.0, 0.5)
-    out = tmp_path_factory.mktemp("adapter")
+                param.normal_(0.0, std)
     peft_model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_adapter(varied_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A LoRA adapter on the varied tiny checkpoint, far from identity."""
+    return random_lora(varied_checkpoint, tmp_path_factory.mktemp("adapter"), std=0.5, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +67,9 @@ def engine_loop() -> Iterator[LoopThread]:
     loop.close()
 
 
-def vllm_settings(checkpoint: Path, adapter: Path, **overrides: Any) -> Any:
-    """Settings for the vLLM engine on the tiny checkpoint: small, eager, 1 GiB of KV cache."""
+def vllm_settings(checkpoint: Path, adapter: Path | None, **overrides: Any) -> Any:
+    """Settings for the vLLM engine on the tiny checkpoint: small, eager, 1 GiB of KV cache; ``adapter``
+    (if any) served as ``shapes``."""
     from service.settings import Settings
 
     values: dict[str, Any] = {
@@ -74,7 +79,7 @@ def vllm_settings(checkpoint: Path, adapter: Path, **overrides: Any) -> Any:
         "max_num_seqs": 16,
         "enforce_eager": True,
         "kv_cache_gib": 1,
-        "lora": [f"shapes={adapter}"],
+        "lora": [f"shapes={adapter}"] if adapter is not None else [],
         "max_new_tokens": 8,
         "max_new_tokens_limit": 400,
     }

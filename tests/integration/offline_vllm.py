@@ -13,9 +13,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
 
 RESULT = "offline_vllm result: "
 """Marks the result line on stdout, which vLLM's own log lines share."""
+
+
+def run_offline(checkpoint: Path, *flags: str) -> dict[str, Any]:
+    """This module in a fresh process with ``flags`` -> its result (``{"ids", "preemptions"}``)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "tests.integration.offline_vllm", str(checkpoint), *flags],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith(RESULT))
+    return dict(json.loads(line.removeprefix(RESULT)))
 
 
 def main() -> None:

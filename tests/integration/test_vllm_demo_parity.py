@@ -19,7 +19,7 @@ import pytest
 from service.app import create_app
 from service.settings import Settings
 from tests.demo_model import heldout_image
-from tests.integration.conftest import vllm_settings
+from tests.integration.conftest import random_lora, vllm_settings
 from tests.integration.test_vllm_service import _Server
 
 pytestmark = pytest.mark.vllm
@@ -31,26 +31,7 @@ OBJECTS = "circle ; square ; triangle"
 @pytest.fixture(scope="module")
 def demo_adapter(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random LoRA on the demo model's language model: it changes the boxes but keeps them boxes."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import PaliGemmaForConditionalGeneration
-
-    model = PaliGemmaForConditionalGeneration.from_pretrained(demo_checkpoint)
-    config = LoraConfig(
-        r=8,
-        lora_alpha=16,
-        init_lora_weights=False,
-        target_modules=r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)",
-    )
-    peft_model = get_peft_model(model, config)
-    torch.manual_seed(3)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 0.02)
-    out = tmp_path_factory.mktemp("demo-adapter")
-    peft_model.save_pretrained(out)
-    return out
+    return random_lora(demo_checkpoint, tmp_path_factory.mktemp("demo-adapter"), std=0.02, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,28 +10,9 @@ import pytest
 
 from service.engines.protocol import GenerationRequest, UnknownAdapterError
 from tests.integration.cases import PROMPTS, images, prefix_lm_reference
+from tests.integration.offline_vllm import run_offline
 
 pytestmark = pytest.mark.vllm
-
-
-def _run_offline(checkpoint: Path, *flags: str) -> dict[str, Any]:
-    """``tests/integration/offline_vllm.py`` in a fresh process (see there) -> its JSON result."""
-    import json
-    import subprocess
-    import sys
-
-    result = subprocess.run(
-        [sys.executable, "-m", "tests.integration.offline_vllm", str(checkpoint), *flags],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    from tests.integration.offline_vllm import RESULT
-
-    line = next(line for line in result.stdout.splitlines() if line.startswith(RESULT))
-    return dict(json.loads(line.removeprefix(RESULT)))
 
 
 def test_greedy_ids_equal_the_transformers_prefix_lm_reference(
@@ -55,7 +36,7 @@ def test_greedy_ids_equal_the_transformers_prefix_lm_reference(
 
 def test_stock_vllm_attends_causally_and_differs(varied_checkpoint: Path) -> None:
     """The same cases without the plugin: stock vLLM-CPU is the *causal* model, never the trained one."""
-    stock = _run_offline(varied_checkpoint, "--stock")["ids"]
+    stock = run_offline(varied_checkpoint, "--stock")["ids"]
     cases = [(p, im) for p in PROMPTS for im in images()]
     assert stock == prefix_lm_reference(varied_checkpoint, cases, 20, causal=True)
     trained = prefix_lm_reference(varied_checkpoint, cases, 20)

@@ -22,28 +22,13 @@ import pytest
 
 from service.engines.protocol import GenerationRequest
 from tests.integration.cases import PROMPTS, images, prefix_lm_reference
-from tests.integration.conftest import LoopThread
-from tests.integration.test_vllm_engine import _run_offline
+from tests.integration.conftest import LoopThread, vllm_settings
+from tests.integration.offline_vllm import run_offline
 
 pytestmark = pytest.mark.vllm
 
 KV_BYTES_PER_TOKEN = 2 * 2 * 1 * 64 * 4
 """Tiny model: 2 layers x (K, V) x 1 KV head x head_dim 64 x float32."""
-
-
-def _settings(checkpoint: Path, **overrides: Any) -> Any:
-    from service.settings import Settings
-
-    values: dict[str, Any] = {
-        "model": str(checkpoint),
-        "engine": "vllm",
-        "max_model_len": 512,
-        "max_num_seqs": 16,
-        "enforce_eager": True,
-        "kv_cache_gib": 1,
-        "max_new_tokens_limit": 400,
-    }
-    return Settings(**(values | overrides))
 
 
 @pytest.fixture(scope="module")
@@ -83,11 +68,11 @@ def loop() -> Iterator[LoopThread]:
 def test_paligemma2_shape_equals_transformers_and_stock_vllm_does_not(pg2_checkpoint: Path, loop: LoopThread) -> None:
     cases = [(p, im) for p in PROMPTS for im in images()]
     requests = [GenerationRequest(image=im, prefix=p, max_new_tokens=20) for p, im in cases]
-    generations, _, _ = _generate_all(loop, _settings(pg2_checkpoint), requests)
+    generations, _, _ = _generate_all(loop, vllm_settings(pg2_checkpoint, None), requests)
     reference = prefix_lm_reference(pg2_checkpoint, cases, 20)
     assert sum(len(set(g.token_ids)) > 4 for g in generations) >= 10  # the random model's output varies
     assert [list(g.token_ids) for g in generations] == reference
-    stock = _run_offline(pg2_checkpoint, "--stock")["ids"]
+    stock = run_offline(pg2_checkpoint, "--stock")["ids"]
     assert sum(s == r for s, r in zip(stock, reference, strict=True)) <= 2
 
 
@@ -140,7 +125,7 @@ def test_settings_that_split_or_recompute_a_prompt_are_refused(varied_checkpoint
 def test_more_requests_than_the_kv_cache_holds_are_never_preempted(varied_checkpoint: Path, loop: LoopThread) -> None:
     """KV cache for 3.5 sequences of max_model_len, 16 requests of ~270 tokens at once."""
     kv_bytes = int(3.5 * 512 * KV_BYTES_PER_TOKEN)
-    settings = _settings(varied_checkpoint, kv_cache_gib=kv_bytes / 2**30)
+    settings = vllm_settings(varied_checkpoint, None, kv_cache_gib=kv_bytes / 2**30)
     pictures = images()
     requests = [GenerationRequest(image=pictures[i % 3], prefix=PROMPTS[i % 4], max_new_tokens=200) for i in range(16)]
     together, alone, preemptions = _generate_all(loop, settings, requests, solo=True)
@@ -148,7 +133,7 @@ def test_more_requests_than_the_kv_cache_holds_are_never_preempted(varied_checkp
     assert sum(len(g.token_ids) for g in together) > 16 * 150  # the sequences did grow
     assert [g.token_ids for g in together] == [g.token_ids for g in alone]
     # vLLM's own scheduler, same attention, same KV cache, same load: it preempts, and answers change.
-    stock = _run_offline(varied_checkpoint, f"--kv-cache-bytes={kv_bytes}", "--max-tokens=200", "--repeat=2")
+    stock = run_offline(varied_checkpoint, f"--kv-cache-bytes={kv_bytes}", "--max-tokens=200", "--repeat=2")
     assert stock["preemptions"] > 0
     solo = {(r.prefix, id(r.image)): list(g.token_ids) for r, g in zip(requests, alone, strict=True)}
     expected = [solo[(p, id(im))] for p in PROMPTS for im in pictures] * 2  # offline_vllm's case order
