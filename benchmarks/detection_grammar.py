@@ -20,15 +20,13 @@ from typing import Any
 from finetune.data import load_coco
 from finetune.evaluate import answers_to_boxes, detection_answers, open_engine
 from finetune.metrics import coco_map
+from paligemma.parsing import objects_started
 from paligemma.tokens import SpecialIds
 
 
 def _dropped(answers: list[Any], boxes: dict[int, list[Any]], special: SpecialIds) -> int:
     """Objects started (runs of loc tokens) minus detections kept."""
-    started = 0
-    for _, _, generation in answers:
-        is_loc = [special.loc(t) is not None for t in generation.token_ids]
-        started += sum(1 for i, loc in enumerate(is_loc) if loc and (i == 0 or not is_loc[i - 1]))
+    started = sum(objects_started(generation.token_ids, special) for _, _, generation in answers)
     return started - sum(len(b) for b in boxes.values())
 
 

@@ -79,7 +79,7 @@ async def detection_answers(
     special = SpecialIds.from_tokenizer(tokenizer)
     grammars = {
         tuple(g): GrammarSpec.build(tokenizer, special, int(tokenizer.eos_token_id), g, max_tokens=max_new_tokens)
-        for g in groups
+        for g in (groups if constrained else [])
     }
     gate = asyncio.Semaphore(concurrency)
     jobs: list[tuple[DetectionImage, list[str], Image.Image]] = []

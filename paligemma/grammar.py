@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from paligemma.tokens import LOC_MAX, NUM_LOC_TOKENS, NUM_SEG_TOKENS, SEG_TOKENS_PER_MASK, SpecialIds
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MAX_OBJECTS = 25
 """Objects per answer when a request does not say (PaliGemma's detection mixtures rarely exceed it)."""
@@ -202,6 +205,15 @@ class DetectionGrammar:
         if len(self._box) == 2:
             return [(spec.loc_start + self._box[0] + 1, spec.loc_start + NUM_LOC_TOKENS)]
         return self._x2_ranges()
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """``logits`` (one row, any vocabulary size) with ``-inf`` on every token :meth:`allowed` excludes."""
+        import torch
+
+        keep = torch.full_like(logits, float("-inf"))
+        for start, stop in self.allowed():
+            keep[start:stop] = 0.0
+        return logits + keep
 
     def _x2_ranges(self) -> list[TokenRange]:
         """``x2 > x1``, minus the values whose box already carries every label."""

@@ -171,6 +171,12 @@ def parse_detection_token_ids(
     return detections
 
 
+def objects_started(token_ids: Sequence[int], special: SpecialIds) -> int:
+    """Runs of loc tokens in generated ids: objects the model began, whole or not (what a parse may drop)."""
+    is_loc = [special.loc(t) is not None for t in token_ids]
+    return sum(1 for i, loc in enumerate(is_loc) if loc and (i == 0 or not is_loc[i - 1]))
+
+
 def _label_positions(run: list[int], ids: list[int], decode: Callable[[list[int]], str]) -> tuple[int, ...]:
     """Positions of the label's own tokens in a text run: up to the first ``;``, no blanks or remnants."""
     positions = []

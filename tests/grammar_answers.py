@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from paligemma.grammar import GrammarSpec
-from paligemma.parsing import parse_detection_token_ids
+from paligemma.parsing import objects_started, parse_detection_token_ids
 from paligemma.tokens import SpecialIds
 from service.engines.protocol import Generation, GenerationRequest
 
@@ -54,9 +54,7 @@ def dropped(generation: Generation, labels: list[str], tokenizer: Any) -> int:
     """Objects started (runs of loc tokens) that did not become a detection with a requested label."""
     special = SpecialIds.from_tokenizer(tokenizer)
     ids = list(generation.token_ids)
-    runs = sum(
-        1 for i, t in enumerate(ids) if special.loc(t) is not None and (i == 0 or special.loc(ids[i - 1]) is None)
-    )
+    runs = objects_started(ids, special)
     detections = parse_detection_token_ids(
         ids, 1000, 1000, special=special, decode=lambda t: str(tokenizer.decode(t, skip_special_tokens=True))
     )

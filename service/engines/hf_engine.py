@@ -61,8 +61,6 @@ class _GreedySteps:
         self._grammars = [DetectionGrammar(r.grammar) if r.grammar is not None else None for r in requests]
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        import torch
-
         values = scores.float()
         raw = values - values.logsumexp(dim=-1, keepdim=True)
         for row, grammar in enumerate(self._grammars):
@@ -72,10 +70,7 @@ class _GreedySteps:
                 grammar.advance(int(input_ids[row, -1]))
             if grammar.done:
                 continue
-            keep = torch.full_like(scores[row], float("-inf"))
-            for start, stop in grammar.allowed():
-                keep[start:stop] = 0.0
-            scores[row] = scores[row] + keep
+            scores[row] = grammar.mask(scores[row])
         chosen = scores.argmax(dim=-1, keepdim=True)
         self.steps.append(raw.gather(1, chosen)[:, 0])
         return scores

@@ -30,12 +30,7 @@ class _RowGrammar:
         for token in output_ids[self._seen :]:
             self._grammar.advance(int(token))
         self._seen = len(output_ids)
-        if self._grammar.done:
-            return logits
-        keep = torch.full_like(logits, float("-inf"))
-        for start, stop in self._grammar.allowed():
-            keep[start:stop] = 0.0
-        return logits + keep
+        return logits if self._grammar.done else self._grammar.mask(logits)
 
 
 class DetectionGrammarProcessor(AdapterLogitsProcessor):
