@@ -39,12 +39,13 @@ ENV PATH=/app/.venv/bin:${PATH} \
     HF_HOME=/cache/huggingface \
     VLLM_CACHE_ROOT=/cache/vllm \
     VLLM_CPU_KVCACHE_SPACE=4 \
+    PALIGEMMA_MODEL=/app/models/demo \
     PALIGEMMA_HOST=0.0.0.0 \
     PALIGEMMA_PORT=8000
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PALIGEMMA_PORT', '8000'), timeout=4)"]
+    CMD ["python3", "-m", "service.healthcheck"]
 ENTRYPOINT ["tini", "--", "python", "-m", "service"]
 
 ########################################################################################################
@@ -82,6 +83,6 @@ ENV HOME=/home/paligemma \
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=600s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('PALIGEMMA_PORT', '8000'), timeout=4)"]
+    CMD ["python3", "-m", "service.healthcheck"]
 # The base image's ENTRYPOINT is `vllm serve`; ours runs the in-process service (one uvicorn worker).
 ENTRYPOINT ["python3", "-m", "service"]

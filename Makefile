@@ -27,11 +27,12 @@ serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the committ
 		exec $(PY) -m service --port 8000; \
 	fi
 
-test: setup  ## the whole suite: unit, service, vLLM CPU, browser, deploy checks and a real Prometheus
+test: setup  ## the whole suite: unit, service, vLLM CPU, browser, deploy checks, the compose stack on podman
 	VENV=$(VENV) tools/setup_ops.sh
 	tools/setup_browser.sh
+	VENV=$(VENV) tools/setup_containers.sh
 	VENV=$(VENV) tools/check_deploy.sh
-	PALIGEMMA_REQUIRE_BROWSER=1 $(PY) -m pytest -q
+	PALIGEMMA_REQUIRE_BROWSER=1 PALIGEMMA_REQUIRE_CONTAINERS=1 $(PY) -m pytest -q
 
 lint: setup
 	$(VENV)/bin/ruff check paligemma service finetune tests
