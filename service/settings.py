@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_MAX_IMAGE_PIXELS)
     max_aspect_ratio: float = Field(20.0, ge=1.0, description="Longest side / shortest side")
     decode_threads: int = Field(2, ge=1, le=64, description="Threads that decode uploaded images")
+    torch_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
+        "auto",
+        description="The model's CPU threads; auto = OMP_NUM_THREADS if set, else usable cores - decode_threads - 1 "
+        "(at least 1); the rest of the cores are left to the API process (service/engines/cpu_threads.py)",
+    )
 
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline per request; past it: 504, engine aborted")
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
+from service.engines.cpu_threads import cpu_budget, torch_threads
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -291,6 +292,15 @@ def load_model(settings: Settings) -> tuple[Any, Any]:
 @contextlib.asynccontextmanager
 async def open_hf_engine(settings: Settings, on_batch: Callable[[int], None] | None = None) -> AsyncIterator[HFEngine]:
     """Load the model off the event loop, start the batching worker, and close it on exit."""
+    budget = cpu_budget(settings)
+    log.info("%s", budget.describe())
+    with torch_threads(budget.model_threads):
+        async with _open_hf_engine(settings, on_batch) as engine:
+            yield engine
+
+
+@contextlib.asynccontextmanager
+async def _open_hf_engine(settings: Settings, on_batch: Callable[[int], None] | None) -> AsyncIterator[HFEngine]:
     model, processor = await asyncio.get_running_loop().run_in_executor(None, load_model, settings)
     engine = HFEngine(
         model,

@@ -14,13 +14,16 @@ deadlines free the engine.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from service.engines.cpu_threads import cpu_budget, pinned, torch_threads, vllm_cpu_binding
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -225,6 +228,15 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     if settings.kv_cache_gib:  # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override it: it wins here
         config.cache_config.kv_cache_memory_bytes = int(settings.kv_cache_gib * 2**30)
     require_prefix_lm(config)
+    budget = None if on_gpu else cpu_budget(settings)
+    binding = {} if budget is None else vllm_cpu_binding(budget)
+    if binding:  # before the engine core starts: its worker binds its OpenMP threads from this
+        os.environ.update(binding)
+    elif budget is not None:
+        logger.info(
+            "VLLM_CPU_OMP_THREADS_BIND=%s set by the user: cores left as they are",
+            os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+        )
     logger.info(
         "starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s, prefix-LM attention, max_model_len %d, "
         "max_num_batched_tokens %d (chunked prefill and prefix caching off)",
@@ -236,10 +248,21 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         config.scheduler_config.max_num_batched_tokens,
     )
     llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
-    try:
-        blocks, block_size = llm.vllm_config.cache_config.num_gpu_blocks, llm.vllm_config.cache_config.block_size
-        logger.info("vLLM KV cache: %s blocks of %s tokens", blocks, block_size)
-        await llm.reset_mm_cache()
-        yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
-    finally:
-        llm.shutdown()
+    with contextlib.ExitStack() as on_cpu:
+        if budget is not None and binding:  # the worker has bound its threads; the API process keeps to the rest
+            on_cpu.enter_context(pinned(budget.api_cpus))
+            on_cpu.enter_context(torch_threads(len(budget.api_cpus)))
+            logger.info(
+                "%s: vLLM worker on cores %s (VLLM_CPU_OMP_THREADS_BIND=%s), API process on cores %s",
+                budget.describe(),
+                list(budget.model_cpus),
+                os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                list(budget.api_cpus),
+            )
+        try:
+            blocks, block_size = llm.vllm_config.cache_config.num_gpu_blocks, llm.vllm_config.cache_config.block_size
+            logger.info("vLLM KV cache: %s blocks of %s tokens", blocks, block_size)
+            await llm.reset_mm_cache()
+            yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
+        finally:
+            llm.shutdown()

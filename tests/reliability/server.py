@@ -41,8 +41,6 @@ class ServiceProcess:
         env = {**os.environ, **{f"PALIGEMMA_{k.upper()}": str(v) for k, v in settings.items()}}
         env.setdefault("PALIGEMMA_MAX_NEW_TOKENS", "3")
         env.setdefault("PALIGEMMA_LOG_LEVEL", "warning")
-        if engine == "transformers":  # torch's one-thread-per-core spins badly on shared CI cores
-            env.setdefault("OMP_NUM_THREADS", "1")
         self._log = tempfile.NamedTemporaryFile(prefix="service-", suffix=".log", delete=False)  # noqa: SIM115
         command = [sys.executable, "-m", "service", "--model", str(checkpoint), "--engine", engine]
         command += ["--host", "127.0.0.1", "--port", str(self.port), *args]

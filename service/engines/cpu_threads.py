@@ -1,0 +1,117 @@
+"""The CPU thread budget: how many cores the model's threads get, and which, so they stop fighting the rest.
+
+On a CPU host the model's OpenMP threads, the image-decode pool, the event loop and JSON work share the
+cores. torch's default (one intra-op thread per core) spins against the others: measured on 2 cores,
+throughput fell past saturation (c=32 below c=16) and ``/healthz`` slowed to 35-40 ms. The budget gives the
+model ``usable cores - decode_threads - 1`` threads (at least 1) and leaves the rest to the API process.
+
+- transformers engine: ``torch.set_num_threads`` in this process (:func:`torch_threads`).
+- vLLM engine on CPU: the model runs in vLLM's worker process, whose OpenMP threads vLLM binds to
+  ``VLLM_CPU_OMP_THREADS_BIND``; the budget sets it to the first cores and, once the engine is up, pins the
+  API process's threads to the others (:func:`pinned`), so the two get disjoint cores.
+
+A user's choice wins: ``torch_threads`` set to a number, else an explicit ``OMP_NUM_THREADS``, else ``auto``;
+a ``VLLM_CPU_OMP_THREADS_BIND`` already in the environment is left as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CpuBudget:
+    cores: tuple[int, ...]
+    """The CPUs this process may run on (its affinity mask)."""
+    model_threads: int
+    source: str
+    """What chose ``model_threads``: ``torch_threads``, ``OMP_NUM_THREADS`` or ``auto``."""
+
+    @property
+    def model_cpus(self) -> tuple[int, ...]:
+        return self.cores[: self.model_threads]
+
+    @property
+    def api_cpus(self) -> tuple[int, ...]:
+        """The cores left to the API process (all of them when the model takes every core)."""
+        return self.cores[self.model_threads :] or self.cores
+
+    def describe(self) -> str:
+        return (
+            f"CPU threads: model {self.model_threads} ({self.source}), API process and "
+            f"{len(self.api_cpus)} core(s) left of {len(self.cores)} usable"
+        )
+
+
+def usable_cores() -> tuple[int, ...]:
+    return (
+        tuple(sorted(os.sched_getaffinity(0)))
+        if hasattr(os, "sched_getaffinity")
+        else tuple(range(os.cpu_count() or 1))
+    )
+
+
+def cpu_budget(settings: Settings, environ: dict[str, str] | None = None) -> CpuBudget:
+    """The split for ``settings`` on this machine (``environ``: os.environ unless given)."""
+    env = os.environ if environ is None else environ
+    cores = usable_cores()
+    if settings.torch_threads != "auto":
+        threads, source = settings.torch_threads, "torch_threads"
+    elif env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
+        threads, source = int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    else:
+        threads, source = len(cores) - settings.decode_threads - 1, "auto"
+    return CpuBudget(cores, max(1, min(threads, len(cores))), source)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads in this process while an engine runs, restored after (tests run several)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def vllm_cpu_binding(budget: CpuBudget, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The variables vLLM's CPU backend reads when it starts its worker (none if the user set the binding)."""
+    env = os.environ if environ is None else environ
+    if "VLLM_CPU_OMP_THREADS_BIND" in env:
+        return {}
+    return {"VLLM_CPU_OMP_THREADS_BIND": ",".join(str(cpu) for cpu in budget.model_cpus)}
+
+
+@contextmanager
+def pinned(cpus: tuple[int, ...]) -> Iterator[None]:
+    """Every thread of this process on ``cpus`` (threads started meanwhile inherit it), restored after."""
+    if not hasattr(os, "sched_setaffinity"):
+        yield
+        return
+    before = tuple(os.sched_getaffinity(0))
+    _pin_all(cpus)
+    try:
+        yield
+    finally:
+        _pin_all(before)
+
+
+def _pin_all(cpus: tuple[int, ...]) -> None:
+    for task in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(task), cpus)
+        except OSError:  # a thread that ended meanwhile
+            continue
