@@ -1,6 +1,6 @@
 """CPU thread budgets compared: /detect throughput past saturation and /healthz latency under load, per engine.
 
-    .venv/bin/python benchmarks/cpu_threads.py [--engines transformers,vllm] [--requests 64] [--budgets 1,2]
+    .venv/bin/python benchmarks/cpu_threads.py [--engines transformers,vllm] [--requests 512] [--budgets 1,2]
 
 For each engine, one ``python -m service`` on the demo model per budget: the default (``torch_threads=auto``,
 service/engines/cpu_threads.py), then each explicit ``--budgets`` value (``torch_threads=N``; N = the number of
@@ -36,6 +36,8 @@ PROBE = """
 import json, select, sys, time, httpx
 url, out = sys.argv[1], []
 with httpx.Client(timeout=10) as client:
+    client.get(url)
+    print("ready", flush=True)
     while not select.select([sys.stdin], [], [], 0)[0]:  # until the parent closes our stdin
         start = time.perf_counter()
         client.get(url)
@@ -102,10 +104,10 @@ def measure(
                     stdout=subprocess.PIPE,
                     text=True,
                 )
+                assert probe.stdout is not None and probe.stdout.readline().strip() == "ready"
             rate, failed = asyncio.run(closed_loop(server.url, png, concurrency, args.requests))
             row[f"c={concurrency}"], row[f"failed c={concurrency}"] = rate, failed
-        probe.stdin.close()  # type: ignore[union-attr]
-        probe_ms = json.loads(probe.communicate(timeout=60)[0])
+        probe_ms = json.loads(probe.communicate(timeout=60)[0].splitlines()[-1])  # closes its stdin: it stops
         row["healthz p99 ms"] = p99(probe_ms)
         row["probes"] = len(probe_ms)
     return row
@@ -114,7 +116,7 @@ def measure(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--engines", default="transformers,vllm")
-    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=512)
     cores = len(os.sched_getaffinity(0))
     parser.add_argument("--budgets", default=",".join(str(n) for n in sorted({1, max(1, cores // 2), cores})))
     parser.add_argument("--json", type=Path, help="also write the rows here")
