@@ -96,6 +96,21 @@ def vllm_cpu_binding(budget: CpuBudget, environ: dict[str, str] | None = None) -
 
 
 @contextmanager
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in ``os.environ`` for the block only (what a child process started in it inherits)."""
+    before = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
 def pinned(cpus: tuple[int, ...]) -> Iterator[None]:
     """Every thread of this process on ``cpus`` (threads started meanwhile inherit it), restored after."""
     if not hasattr(os, "sched_setaffinity"):
@@ -110,8 +125,16 @@ def pinned(cpus: tuple[int, ...]) -> Iterator[None]:
 
 
 def _pin_all(cpus: tuple[int, ...]) -> None:
-    for task in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(task), cpus)
-        except OSError:  # a thread that ended meanwhile
-            continue
+    """Pass over the threads until none is left off ``cpus``: one started during a pass by a thread not yet
+    pinned would inherit the old mask."""
+    for _ in range(10):
+        moved = 0
+        for task in os.listdir("/proc/self/task"):
+            try:
+                if os.sched_getaffinity(int(task)) != set(cpus):
+                    os.sched_setaffinity(int(task), cpus)
+                    moved += 1
+            except OSError:  # a thread that ended meanwhile
+                continue
+        if not moved:
+            return

@@ -23,7 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
-from service.engines.cpu_threads import cpu_budget, pinned, torch_threads, vllm_cpu_binding
+from service.engines.cpu_threads import cpu_budget, pinned, scoped_environ, torch_threads, vllm_cpu_binding
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -230,9 +230,7 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     require_prefix_lm(config)
     budget = None if on_gpu else cpu_budget(settings)
     binding = {} if budget is None else vllm_cpu_binding(budget)
-    if binding:  # before the engine core starts: its worker binds its OpenMP threads from this
-        os.environ.update(binding)
-    elif budget is not None:
+    if budget is not None and not binding:
         logger.info(
             "VLLM_CPU_OMP_THREADS_BIND=%s set by the user: cores left as they are",
             os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
@@ -247,7 +245,8 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         config.model_config.max_model_len,
         config.scheduler_config.max_num_batched_tokens,
     )
-    llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
+    with scoped_environ(binding):  # read by the engine core it starts; not left behind for the next engine
+        llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
     with contextlib.ExitStack() as on_cpu:
         if budget is not None and binding:  # the worker has bound its threads; the API process keeps to the rest
             on_cpu.enter_context(pinned(budget.api_cpus))
@@ -256,7 +255,7 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
                 "%s: vLLM worker on cores %s (VLLM_CPU_OMP_THREADS_BIND=%s), API process on cores %s",
                 budget.describe(),
                 list(budget.model_cpus),
-                os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
+                binding["VLLM_CPU_OMP_THREADS_BIND"],
                 list(budget.api_cpus),
             )
         try:

@@ -16,7 +16,14 @@ import pytest
 import torch
 
 from service.engines import cpu_threads
-from service.engines.cpu_threads import CpuBudget, cpu_budget, pinned, torch_threads, vllm_cpu_binding
+from service.engines.cpu_threads import (
+    CpuBudget,
+    cpu_budget,
+    pinned,
+    scoped_environ,
+    torch_threads,
+    vllm_cpu_binding,
+)
 from service.settings import Settings
 from tests.reliability.server import ServiceProcess
 
@@ -63,6 +70,13 @@ def test_vllm_binding_is_the_model_cores_unless_the_user_chose(monkeypatch: pyte
     split = budget(8, monkeypatch)
     assert vllm_cpu_binding(split, environ={}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3,4"}
     assert vllm_cpu_binding(split, environ={"VLLM_CPU_OMP_THREADS_BIND": "2-3"}) == {}
+
+
+def test_scoped_environ_leaves_nothing_behind() -> None:
+    assert "PALIGEMMA_TEST_SCOPED" not in os.environ
+    with scoped_environ({"PALIGEMMA_TEST_SCOPED": "1"}):
+        assert os.environ["PALIGEMMA_TEST_SCOPED"] == "1"
+    assert "PALIGEMMA_TEST_SCOPED" not in os.environ
 
 
 def test_torch_threads_applies_and_restores() -> None:
