@@ -152,9 +152,13 @@ class ComposeStack:
         ).stdout
         return [int(json.loads(line).get("ContainerExitCode", 0)) for line in events.splitlines() if line.strip()]
 
+    @property
+    def _label(self) -> str:
+        return f"label=com.docker.compose.project={self.project}"
+
     def leftovers(self) -> list[str]:
         """Containers, volumes and networks of this project that still exist."""
-        label = f"label=com.docker.compose.project={self.project}"
+        label = self._label
         found = podman("ps", "-a", "--filter", label, "--format", "{{.Names}}", check=False).stdout.split()
         found += podman("volume", "ls", "--filter", label, "--format", "{{.Name}}", check=False).stdout.split()
         found += podman("network", "ls", "--filter", label, "--format", "{{.Name}}", check=False).stdout.split()
@@ -171,15 +175,7 @@ class ComposeStack:
             except subprocess.TimeoutExpired:
                 self.api.kill()
             self._api_log.close()
-        for name in podman(
-            "ps",
-            "-a",
-            "--filter",
-            f"label=com.docker.compose.project={self.project}",
-            "--format",
-            "{{.ID}}",
-            check=False,
-        ).stdout.split():
+        for name in podman("ps", "-a", "--filter", self._label, "--format", "{{.ID}}", check=False).stdout.split():
             podman("rm", "-f", "-t", "0", name, check=False)
         left = self.leftovers()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -25,7 +25,7 @@ import pytest
 
 from tests.demo_model import DEMO_MODEL, heldout_image
 from tests.deploy.compose_stack import ComposeStack, _seconds, engine_problem, state_health
-from tests.reliability.server import ServiceProcess
+from tests.reliability.server import ServiceProcess, metric
 
 OBJECTS = "circle ; square ; triangle"
 IMAGES = range(4)
@@ -153,22 +153,14 @@ def _answer(sock: socket.socket) -> tuple[int, dict[str, object]]:
     return int(head.split()[1]), json.loads(body)
 
 
-def _metric(url: str, line_start: str) -> float:
-    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
-        if line.startswith(line_start + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
-
-
 def test_compose_down_drains_requests_in_flight_and_exits_0(stack: ComposeStack) -> None:
     expected = [detect(stack.url, i % len(IMAGES)).json()["text"] for i in range(HELD)]
     container, prometheus = stack.container("paligemma"), stack.container("prometheus")
     config = json.loads(stack.compose("config", "--format", "json").stdout)["services"]["paligemma"]
     grace = _seconds(config["stop_grace_period"])
     held = [_half_sent(stack.port, i % len(IMAGES)) for i in range(HELD)]
-    running = 'paligemma_admitted_requests{state="running"}'
     deadline = time.monotonic() + 30
-    while _metric(stack.url, running) < HELD:
+    while metric(stack.url, "paligemma_admitted_requests", 'state="running"') < HELD:
         assert time.monotonic() < deadline, "the held requests were never admitted"
         time.sleep(0.2)
 

@@ -26,6 +26,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def metric(url: str, name: str, labels: str = "") -> float:
+    """One sample of ``url``'s ``/metrics`` (``labels`` as in the exposition, e.g. ``reason="overloaded"``)."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    key = f"{name}{{{labels}}}" if labels else name
+    for line in text.splitlines():
+        if line.startswith(key + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 class ServiceProcess:
     """``with ServiceProcess(checkpoint, max_concurrent_requests=2) as server: httpx.get(server.url + ...)``.
 
@@ -66,13 +76,7 @@ class ServiceProcess:
         self.process.send_signal(signal.SIGTERM)
 
     def metric(self, name: str, labels: str = "") -> float:
-        """One sample of ``/metrics`` (``labels`` as written in the exposition, e.g. ``reason="overloaded"``)."""
-        text = httpx.get(f"{self.url}/metrics", timeout=10).text
-        key = f"{name}{{{labels}}}" if labels else name
-        for line in text.splitlines():
-            if line.startswith(key + " "):
-                return float(line.rsplit(" ", 1)[1])
-        return 0.0
+        return metric(self.url, name, labels)
 
     def __enter__(self) -> ServiceProcess:
         try:
