@@ -85,6 +85,8 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
 
     detection = load_coco(cfg.coco, cfg.coco_images) if cfg.coco else None
     vqa = load_vqa(cfg.vqa) if cfg.vqa else None
+    if detection is not None and cfg.classes:
+        detection = detection.only(cfg.classes)  # mAP averages over the asked classes only
     if cfg.limit is not None:
         if detection is not None:
             detection.images = detection.images[: cfg.limit]

@@ -199,7 +199,8 @@ class EvalConfig:
     engine: Literal["transformers", "vllm"] = "transformers"
     """Which service engine generates."""
     classes: tuple[str, ...] = ()
-    """Classes to prompt for on every image (default: all categories of --coco)."""
+    """Classes to prompt for on every image (default: all categories of --coco); ground truth and mAP are
+    then limited to them."""
     classes_per_prompt: int = 0
     """Classes asked per detect prompt (0: all in one prompt, as trained with --prompt-style multi)."""
     limit: int | None = None

@@ -101,6 +101,19 @@ class DetectionSet:
     classes: list[str]
     issues: list[DataIssue] = field(default_factory=list)
 
+    def only(self, classes: Sequence[str]) -> DetectionSet:
+        """The same images with only ``classes`` as categories and ground truth: what ``detect <classes>``
+        should find. Other objects stay in the pixels but are not asked for (a diamond under
+        ``detect circle ; square`` is neither a miss nor, unless called a square, a false box)."""
+        unknown = [c for c in classes if c not in self.classes]
+        if unknown:
+            raise ValueError(f"classes {unknown} are not in this dataset (it has {self.classes})")
+        images = [
+            DetectionImage(im.image_id, im.path, im.width, im.height, [o for o in im.objects if o.label in classes])
+            for im in self.images
+        ]
+        return DetectionSet(images, list(dict.fromkeys(classes)), self.issues)
+
 
 @dataclass(frozen=True)
 class VQARecord:

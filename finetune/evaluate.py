@@ -203,6 +203,8 @@ async def evaluate(
     report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name}
     records: dict[str, Any] = {}
     if detection is not None:
+        if classes:
+            detection = detection.only(classes)  # mAP over the asked classes, not every category
         preds = await predict_detections(
             engine,
             detection,

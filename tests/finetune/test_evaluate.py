@@ -55,6 +55,19 @@ def test_oracle_engine_scores_perfectly_and_writes_report(tiny_checkpoint: Path,
     assert Image.open(pictures[0]).width > 2 * 336  # ground truth and prediction panels, scaled up
 
 
+def test_asked_classes_limit_ground_truth_and_map(tiny_checkpoint: Path, shapes: Path) -> None:
+    data = load_coco(shapes / "annotations.json")
+    tokenizer = PaliGemmaProcessor.from_pretrained(tiny_checkpoint).tokenizer
+    engine = FakeEngine(tokenizer, _oracle(data, {}))  # type: ignore[arg-type]
+    report = asyncio.run(evaluate(engine, detection=data, classes=["circle", "square"]))
+    assert engine.requests[0].prefix == "detect circle ; square"
+    assert report["detection"]["classes"] == ["circle", "square"]
+    assert report["detection"]["ap_50"] == {"circle": pytest.approx(1.0), "square": pytest.approx(1.0)}
+    assert report["detection"]["map_50"] == pytest.approx(1.0)  # the unasked triangle is not averaged in as 0
+    with pytest.raises(ValueError, match="not in this dataset"):
+        data.only(["diamond"])
+
+
 def test_per_class_prompts_and_label_rules(tiny_checkpoint: Path, shapes: Path) -> None:
     data = load_coco(shapes / "annotations.json")
     data.images = data.images[:2]
