@@ -29,7 +29,7 @@ from paligemma.grammar import DEFAULT_MAX_OBJECTS
 from service.api.detections import labelled_detections, to_response
 from service.api.intake import decode_base64_image
 from service.api.openai_schemas import ChatCompletionRequest, ImagePart, Model, ModelList, OpenAIErrorResponse, TextPart
-from service.api.routes import decode_and_generate
+from service.api.routes import decode_and_generate, inline_schema
 from service.deps import EngineDep, StateDep
 from service.engines.protocol import Generation
 from service.errors import BadRequest, ModelNotFound, Unavailable
@@ -168,7 +168,7 @@ def _logprobs(generation: Generation, tokenizer: Any, top: bool) -> dict[str, An
     openapi_extra={
         "requestBody": {
             "required": True,
-            "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+            "content": {"application/json": {"schema": inline_schema(ChatCompletionRequest)}},
         }
     },
 )

@@ -60,15 +60,36 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+def inline_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON schema with its ``$defs`` written in place: a body schema embedded in the OpenAPI
+    document cannot point at ``#/$defs/...``, which resolves against the document's root (request models
+    are not recursive, so this ends)."""
+    schema = model.model_json_schema()
+    defs = schema.pop("$defs", {})
+
+    def expand(node: Any) -> Any:
+        if isinstance(node, list):
+            return [expand(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            rest = {key: value for key, value in node.items() if key != "$ref"}
+            return expand({**defs[ref.removeprefix("#/$defs/")], **rest})
+        return {key: expand(value) for key, value in node.items()}
+
+    return dict(expand(schema))
+
+
 def body_docs(params: type[BaseModel], json_model: type[BaseModel]) -> dict[str, Any]:
     """OpenAPI request body for both content types (the handlers parse the body themselves)."""
-    form = params.model_json_schema()
+    form = inline_schema(params)
     form["properties"] = {
         "image": {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream"},
         **form["properties"],
     }
     form["required"] = ["image", *form.get("required", [])]
-    content = {"multipart/form-data": {"schema": form}, "application/json": {"schema": json_model.model_json_schema()}}
+    content = {"multipart/form-data": {"schema": form}, "application/json": {"schema": inline_schema(json_model)}}
     return {"requestBody": {"required": True, "content": content}}
 
 

@@ -45,7 +45,7 @@ def test_schemathesis(fuzz_server: ServiceProcess, tmp_path: Path) -> None:
         "--exclude-checks=positive_data_acceptance,negative_data_rejection",
         "--max-examples=150",
         "--seed=6",
-        "--workers=2",
+        "--workers=1",  # hypothesis parses lambdas with ast in each worker thread: CPython 3.11 races on it
         "--request-timeout=60",
         "--no-shrink",
         f"--report-dir={tmp_path}",
