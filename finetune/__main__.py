@@ -1,9 +1,10 @@
 """``python -m finetune <command>``: the command-line face of the finetune package.
 
 Commands: ``tiny`` (a tiny random PaliGemma), ``synth`` (synthetic shapes data), ``train``, ``merge``,
-``eval`` and ``demo`` (the CPU quality benchmark). Each command's flags are generated from its dataclass
-config in :mod:`finetune.config` (or :class:`finetune.demo.DemoConfig`), so ``--help`` shows the same
-documentation as the Python API.
+``eval``, ``demo`` (the CPU quality benchmark) and ``lora-demo`` (a new class taught with LoRA). Each
+command's flags are generated from its dataclass config in :mod:`finetune.config` (or
+:class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the
+same documentation as the Python API.
 """
 
 from __future__ import annotations
@@ -132,6 +133,14 @@ def _demo(args: argparse.Namespace) -> None:
         log.info("held-out: %s", json.dumps(report.get("heldout", {}).get("detection", {})))
 
 
+def _lora_demo(args: argparse.Namespace) -> None:
+    from finetune.served import table_markdown
+    from finetune.transfer import TransferConfig, run_transfer
+
+    report = run_transfer(from_args(TransferConfig, args))
+    sys.stdout.write(table_markdown(report["forms"], report["heldout"]["prompts"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m finetune", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="the CPU quality benchmark: build, train, evaluate the demo model")
     add_arguments(demo, DemoConfig)
     demo.set_defaults(func=_demo)
+
+    from finetune.transfer import TransferConfig
+
+    lora_demo = commands.add_parser(
+        "lora-demo", help="teach the demo model a new shape with LoRA, merge, and score every served form"
+    )
+    add_arguments(lora_demo, TransferConfig)
+    lora_demo.set_defaults(func=_lora_demo)
     return parser
 
 

@@ -12,15 +12,16 @@ from pathlib import Path
 from typing import Any
 
 
-def _flags(recipe: dict[str, Any]) -> str:
-    """The ``python -m finetune demo`` flags that differ from the defaults (none for the shipped recipe)."""
+def _flags(recipe: dict[str, Any], default: dict[str, Any] | None = None) -> str:
+    """The recipe's flags that differ from ``default`` (the ``python -m finetune demo`` defaults unless
+    given; none for a shipped recipe)."""
     from finetune.config import to_json
     from finetune.demo import DemoConfig
 
-    default = to_json(DemoConfig())
+    default = default or to_json(DemoConfig())
     changed = []
     for name, value in recipe.items():
-        if name in ("out", "report", "work", "force") or value == default[name]:
+        if name in ("out", "report", "work", "adapter", "force") or value == default[name]:
             continue
         option = name.replace("_", "-")
         if isinstance(value, bool):
@@ -94,4 +95,52 @@ def write_card(out: Path, report: dict[str, Any]) -> Path:
     """Write ``out/README.md`` from ``report``; returns its path."""
     path = out / "README.md"
     path.write_text(card_text(report, datetime.date.today().isoformat()))
+    return path
+
+
+def adapter_card_text(report: dict[str, Any], date: str) -> str:
+    """The LoRA adapter's card (``finetune.transfer``): what it teaches, how it was made, the table."""
+    from finetune.config import to_json
+    from finetune.served import table_markdown
+    from finetune.transfer import TransferConfig
+
+    recipe, run = report["recipe"], report["train"]
+    new, prompts = recipe["new_class"], report["heldout"]["prompts"]
+    flags = _flags(recipe, to_json(TransferConfig()))
+    scores = report["forms"]["scores"]
+    kept = ", ".join(
+        f"{c} {scores['adapter (transformers)']['old']['ap_50'][c] - scores['base']['old']['ap_50'][c]:+.3f}"
+        for c in prompts["old"]
+    )
+    return f"""# LoRA adapter: the demo model learns `{new}`
+
+A LoRA adapter (rank {run["lora_r"]}, alpha {run["lora_alpha"]}, language model only: {", ".join(run["lora_targets"])})
+for the demo model (`{recipe["base"]}`, recorded relative to this folder in `adapter_config.json`). It
+teaches it a fourth shape: `detect {" ; ".join(prompts["new"])}`; the old prompt
+`detect {" ; ".join(prompts["old"])}` is trained on too, so it is not forgotten (what it still loses is
+below).
+
+Made by `python -m finetune lora-demo{" " + flags if flags else ""}` (`make demo-lora`) on {date}
+({run["threads"]} threads, {run["cpu_count"]} cores): {run["steps"]:,} steps of batch {run["batch_size"]}
+in {run["seconds"] / 60:.1f} min,
+learning rate {run["lr"]:g} (warm-up {run["warmup_steps"]}, linear decay over the last {run["decay_steps"]:,}),
+on {recipe["new_images"]:,} synthetic images holding all four shapes (asked all four) and
+{recipe["old_images"]:,} holding only the old three (asked those three). Bounded by steps, never by time.
+
+Held-out: {report["heldout"]["images"]} images with all four shapes (seed {recipe["heldout_seed"]}), never trained
+on; AP@0.5 per class, ground truth limited to the classes asked; "same text" counts the `detect` answers
+equal token for token to the unmerged adapter's on the transformers engine.
+
+{table_markdown(report["forms"], prompts)}
+On the old prompt, AP@0.5 against the base: {kept}.
+
+Serve it per request on vLLM: `python -m service --engine vllm --model models/demo --lora {new}=models/demo-{new}`
+and send `adapter={new}`. Every number here is in `report.json` beside this file.
+"""
+
+
+def write_adapter_card(adapter: Path, report: dict[str, Any]) -> Path:
+    """Write ``adapter/README.md`` from ``report``; returns its path."""
+    path = adapter / "README.md"
+    path.write_text(adapter_card_text(report, datetime.date.today().isoformat()))
     return path

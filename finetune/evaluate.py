@@ -69,9 +69,11 @@ async def detection_answers(
     max_new_tokens: int = 64,
     concurrency: int = 64,
     constrained: bool = False,
+    adapter: str | None = None,
 ) -> list[DetectionAnswer]:
     """One ``detect ...`` request per image and group of classes; ``constrained`` decodes each with the
-    detection grammar over its group (``paligemma.grammar``), as the service's ``/detect`` does."""
+    detection grammar over its group (``paligemma.grammar``), as the service's ``/detect`` does;
+    ``adapter`` names the LoRA adapter each request selects (the vLLM engine's ``--lora``)."""
     names = list(classes or dataset.classes)
     size = classes_per_prompt if classes_per_prompt > 0 else prompts.MAX_OBJECTS
     groups = [names[i : i + size] for i in range(0, len(names), size)]
@@ -88,7 +90,11 @@ async def detection_answers(
         jobs += [(image, group, pixels) for group in groups]
     requests = [
         GenerationRequest(
-            pix, prompts.detect(group), max_new_tokens, grammar=grammars[tuple(group)] if constrained else None
+            pix,
+            prompts.detect(group),
+            max_new_tokens,
+            grammar=grammars[tuple(group)] if constrained else None,
+            adapter=adapter,
         )
         for _, group, pix in jobs
     ]
@@ -125,6 +131,7 @@ async def predict_detections(
     max_new_tokens: int = 64,
     concurrency: int = 64,
     constrained: bool = False,
+    adapter: str | None = None,
 ) -> dict[int, list[Box]]:
     """Boxes per image id (:func:`detection_answers`, then :func:`answers_to_boxes`)."""
     answers = await detection_answers(
@@ -135,6 +142,7 @@ async def predict_detections(
         max_new_tokens=max_new_tokens,
         concurrency=concurrency,
         constrained=constrained,
+        adapter=adapter,
     )
     return answers_to_boxes(answers, dataset, engine.tokenizer())
 
@@ -197,10 +205,12 @@ async def evaluate(
     pictures: int = 8,
     max_new_tokens: int = 64,
     concurrency: int = 64,
+    adapter: str | None = None,
 ) -> dict[str, Any]:
-    """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures."""
+    """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures.
+    ``adapter``: the LoRA adapter every detection request selects (None: the engine's model itself)."""
     start = time.monotonic()
-    report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name}
+    report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name, "adapter": adapter}
     records: dict[str, Any] = {}
     if detection is not None:
         if classes:
@@ -212,6 +222,7 @@ async def evaluate(
             classes_per_prompt=classes_per_prompt,
             max_new_tokens=max_new_tokens,
             concurrency=concurrency,
+            adapter=adapter,
         )
         report["detection"] = {"images": len(detection.images), "classes": list(classes or detection.classes)}
         report["detection"].update(coco_map(detection, preds))
@@ -238,12 +249,18 @@ async def evaluate(
 
 
 def open_engine(
-    model: str | Path, kind: str = "transformers", *, device: str = "auto", max_batch_size: int = 64
+    model: str | Path,
+    kind: str = "transformers",
+    *,
+    device: str = "auto",
+    max_batch_size: int = 64,
+    lora: dict[str, str] | None = None,
 ) -> contextlib.AbstractAsyncContextManager[Engine]:
     """The service's own engine over ``model`` (``service.engines.open_engine``), as an async context manager.
 
-    ``kind`` is ``transformers``, ``vllm`` or ``auto``. The queue is unbounded here because
-    :func:`evaluate` bounds what is in flight itself.
+    ``kind`` is ``transformers``, ``vllm`` or ``auto``; ``lora`` (vLLM) maps adapter names to directories,
+    as ``--lora NAME=PATH``. The queue is unbounded here because :func:`evaluate` bounds what is in
+    flight itself.
     """
     import torch
 
@@ -259,5 +276,6 @@ def open_engine(
         max_num_seqs=max_batch_size,
         enforce_eager=not torch.cuda.is_available(),
         kv_cache_gib=None if torch.cuda.is_available() else 1.0,  # vLLM-CPU's default 4 GiB is more than needed
+        lora=[f"{name}={path}" for name, path in (lora or {}).items()],
     )
     return open_service_engine(settings)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from finetune.config import MergeConfig, flag
-from paligemma.checkpoint import save_checkpoint
+from paligemma.checkpoint import adapter_base, save_checkpoint
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +58,7 @@ def merge(cfg: MergeConfig) -> Path:
 
     method, source, train_cfg = resolve_source(Path(cfg.run))
     weights = source / ("adapter_model.safetensors" if method == "lora" else "model.safetensors")
-    base = cfg.base or train_cfg.get("base") or _adapter_base(source)
+    base = cfg.base or (adapter_base(source) if method == "lora" else None) or train_cfg.get("base")
     info = {
         "source": str(source.resolve()),
         "method": train_cfg.get("method", method),
@@ -88,9 +88,3 @@ def merge(cfg: MergeConfig) -> Path:
     marker.write_text(json.dumps(info, indent=2) + "\n")
     log.info("merged %s (%s) into %s as %s", source, method, out, cfg.dtype)
     return out
-
-
-def _adapter_base(source: Path) -> str | None:
-    config = json.loads((source / "adapter_config.json").read_text())
-    base = config.get("base_model_name_or_path")
-    return str(base) if base else None

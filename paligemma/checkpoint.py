@@ -242,3 +242,20 @@ def build_tiny_checkpoint(out_dir: str | Path, seed: int = 0, cfg: TinyConfig | 
     out = save_checkpoint(model, processor, out_dir)
     (out / "tiny_config.json").write_text(json.dumps({**asdict(cfg), "seed": seed}, indent=2) + "\n")
     return out
+
+
+def is_adapter(path: str | Path) -> bool:
+    """A peft LoRA adapter directory (``adapter_config.json``), not a full checkpoint."""
+    return (Path(path) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter: str | Path) -> str | None:
+    """The base model an adapter was trained on: ``base_model_name_or_path`` from its config, taken
+    relative to the adapter's own folder when it names a folder there (a shipped adapter says ``../demo``,
+    so it still finds its base in any clone), else as written (an absolute path or a hub id)."""
+    config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+    base = config.get("base_model_name_or_path")
+    if not base:
+        return None
+    beside = Path(adapter) / str(base)
+    return str(beside.resolve()) if not Path(base).is_absolute() and beside.is_dir() else str(base)

@@ -25,7 +25,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="PALIGEMMA_", extra="ignore", protected_namespaces=())
 
-    model: str = Field("", validate_default=True, description="Checkpoint directory, or a hub id when online")
+    model: str = Field(
+        "",
+        validate_default=True,
+        description="Checkpoint directory, or a hub id when online; transformers engine: also a LoRA adapter directory",
+    )
     engine: EngineKind = Field("auto", description="auto picks the best engine available")
     model_name: str | None = Field(None, description="Name used in responses and metrics (default: from model)")
     host: str = "127.0.0.1"

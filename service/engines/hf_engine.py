@@ -18,8 +18,10 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from paligemma.checkpoint import adapter_base, is_adapter
 from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
 from service.engines.cpu_threads import cpu_budget, torch_threads
@@ -284,9 +286,20 @@ def load_model(settings: Settings) -> tuple[Any, Any]:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
     device, dtype = resolve_device_dtype(settings.device, settings.dtype)
-    processor = PaliGemmaProcessor.from_pretrained(settings.model)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
-    return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types .to() oddly
+    if not is_adapter(settings.model):
+        processor = PaliGemmaProcessor.from_pretrained(settings.model)
+        model = PaliGemmaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
+        return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types .to() oddly
+    from peft import PeftModel  # an adapter directory: its base with the LoRA layers beside, not merged
+
+    base = adapter_base(settings.model)
+    if base is None:
+        raise ValueError(f"the adapter {settings.model} names no base model (base_model_name_or_path)")
+    has_processor = (Path(settings.model) / "processor_config.json").is_file()
+    processor = PaliGemmaProcessor.from_pretrained(settings.model if has_processor else base)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(base, dtype=dtype)
+    adapted = PeftModel.from_pretrained(model, settings.model)
+    return adapted.to(device).eval(), processor
 
 
 @contextlib.asynccontextmanager

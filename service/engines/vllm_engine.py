@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Literal, cast
 
+from paligemma.checkpoint import adapter_base, is_adapter
 from service.engines.cpu_threads import cpu_budget, pinned, scoped_environ, torch_threads, vllm_cpu_binding
 from service.engines.protocol import (
     EngineDeadError,
@@ -197,6 +198,12 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
+    if is_adapter(settings.model):
+        base = adapter_base(settings.model) or "its base model"
+        raise ValueError(
+            f"--model {settings.model} is a LoRA adapter: vLLM serves the base with the adapter beside it,"
+            f" --model {base} --lora NAME={settings.model} (or merge it: python -m finetune merge)"
+        )
     on_gpu = torch.cuda.is_available()
     dtype = resolve_dtype(settings.dtype, on_gpu, _text_model_type(settings.model))
     loras = settings.loras
