@@ -23,6 +23,9 @@ need=()
 for tool in podman:podman runc:runc iptables:iptables debootstrap:debootstrap catatonit:catatonit; do
     command -v "${tool%%:*}" >/dev/null 2>&1 || [ -x "/usr/libexec/podman/${tool%%:*}" ] || need+=("${tool##*:}")
 done
+# Compose's service names and aliases (Prometheus finds the replicas as paligemma-replicas) resolve only with
+# a DNS plugin: podman 4.3's CNI backend without it gives containers no names at all.
+[ -x /usr/lib/cni/dnsname ] || need+=(golang-github-containernetworking-plugin-dnsname)
 if [ ${#need[@]} -gt 0 ]; then
     echo "Installing ${need[*]} (Debian packages)..."
     $sudo_ apt-get update -qq
