@@ -40,6 +40,7 @@ from typing import Any, Literal
 
 from finetune.config import MergeConfig, TrainConfig, flag, to_json
 from finetune.data import DetectionSet, load_coco, load_vqa
+from finetune.synth import generate_cached
 from paligemma.checkpoint import TinyConfig, build_tiny_checkpoint
 
 log = logging.getLogger(__name__)
@@ -160,24 +161,6 @@ class Stage:
     decay_steps: int = 0
 
 
-def _dataset(path: Path, n: int, seed: int, questions: int, max_shapes: int = 4, types: tuple[str, ...] = ()) -> Path:
-    """Synthetic set at ``path`` (see synth.generate; ``types`` empty: all question types), regenerated only
-    when its recipe changed."""
-    from finetune.synth import QUESTION_TYPES, generate
-
-    question_types = types or QUESTION_TYPES
-    stamp = path / "synth.json"
-    wanted: dict[str, Any] = {"n": n, "seed": seed, "questions_per_image": questions, "max_shapes": max_shapes}
-    wanted["question_types"] = list(question_types)
-    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
-        shutil.rmtree(path, ignore_errors=True)
-        generate(
-            path, n, seed=seed, questions_per_image=questions, max_shapes=max_shapes, question_types=question_types
-        )
-        stamp.write_text(json.dumps(wanted) + "\n")
-    return path
-
-
 async def score_heldout(
     model: Path, detection: DetectionSet, vqa: list[Any], out: Path | None, pictures: int
 ) -> dict[str, Any]:
@@ -294,9 +277,12 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     shape = replace(PRESETS[cfg.preset], sinusoid_locs=cfg.sinusoid_locs)
     base = build_tiny_checkpoint(work / "base", seed=cfg.seed, cfg=shape)
     q = cfg.questions_per_image
-    train_dir = _dataset(work / "train", cfg.train_images, cfg.train_seed, q)
-    one_dir = _dataset(work / "one-shape", cfg.one_shape_images, cfg.one_shape_seed, 1, max_shapes=1, types=("shape",))
-    held_dir = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed, q)
+    train_dir = generate_cached(work / "train", cfg.train_images, cfg.train_seed, questions_per_image=q)
+    one_dir = generate_cached(
+        work / "one-shape", cfg.one_shape_images, cfg.one_shape_seed,
+        questions_per_image=1, max_shapes=1, question_types=("shape",),
+    )  # fmt: skip
+    held_dir = generate_cached(work / "heldout", cfg.heldout_images, cfg.heldout_seed, questions_per_image=q)
     stages = curriculum(cfg, one_dir, train_dir)
     load_before = os.getloadavg()
     trained = _train_stages(cfg, base, stages, work)

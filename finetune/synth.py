@@ -189,3 +189,22 @@ def generate(
     (root / "annotations.json").write_text(json.dumps(coco) + "\n")
     (root / "vqa.jsonl").write_text("\n".join(vqa_lines) + "\n")
     return root
+
+
+def generate_cached(out: str | Path, n: int, seed: int = 0, **options: Any) -> Path:
+    """:func:`generate`, unless ``out`` already holds a set made with the same arguments (defaults
+    included), recorded in ``out/synth.json``; otherwise the folder is replaced."""
+    import inspect
+    import shutil
+
+    bound = inspect.signature(generate).bind(out, n, seed, **options)
+    bound.apply_defaults()
+    wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "out"}
+    root = Path(out)
+    stamp = root / "synth.json"
+    if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
+        return root
+    shutil.rmtree(root, ignore_errors=True)
+    generate(out, n, seed, **options)
+    stamp.write_text(json.dumps(wanted) + "\n")
+    return root

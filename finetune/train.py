@@ -206,13 +206,18 @@ def save_trained(model: Any, processor: Any, out: Path) -> Path:
     return save_checkpoint(model, processor, out)
 
 
+def train_record(cfg: TrainConfig) -> dict[str, Any]:
+    """What ``train_config.json`` records of a run: the config, with the base model's resolved path."""
+    return {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run training; returns the adapter/ (lora, qlora) or model/ (full) directory."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
+    record = train_record(cfg)
     (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     examples = build_examples(cfg)
     model, processor = load_model(cfg)

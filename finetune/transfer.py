@@ -35,6 +35,7 @@ from typing import Any
 
 from finetune.config import MergeConfig, TrainConfig, flag, to_json
 from finetune.data import DetectionSet, load_coco
+from finetune.synth import generate_cached
 
 log = logging.getLogger(__name__)
 OLD = ("circle", "square", "triangle")
@@ -93,19 +94,6 @@ class TransferConfig:
             raise ValueError(f"{flag('new_seed')}, {flag('old_seed')} and {flag('heldout_seed')} must differ")
 
 
-def _dataset(path: Path, n: int, seed: int, shapes: tuple[str, ...]) -> Path:
-    """Synthetic detection set at ``path``, regenerated only when its recipe changed."""
-    from finetune.synth import generate
-
-    stamp = path / "synth.json"
-    wanted = {"n": n, "seed": seed, "shapes": list(shapes)}
-    if not (stamp.is_file() and json.loads(stamp.read_text()) == wanted):
-        shutil.rmtree(path, ignore_errors=True)
-        generate(path, n, seed=seed, shapes=shapes)
-        stamp.write_text(json.dumps(wanted) + "\n")
-    return path
-
-
 def train_config(cfg: TransferConfig, new: Path, old: Path) -> TrainConfig:
     """The LoRA run: language model only (TrainConfig's default targets), every prompt listing all classes."""
     return TrainConfig(
@@ -132,10 +120,10 @@ def train_config(cfg: TransferConfig, new: Path, old: Path) -> TrainConfig:
 
 def _train(run: TrainConfig, force: bool) -> dict[str, Any]:
     """Train unless ``run.out`` already holds this exact run; returns its train_result.json."""
-    from finetune.train import train
+    from finetune.train import train, train_record
 
     out = Path(run.out)
-    record = {**to_json(run), "base": str(Path(run.base).resolve())}
+    record = train_record(run)
     done = out / "train_result.json"
     same = (out / "train_config.json").is_file() and json.loads((out / "train_config.json").read_text()) == record
     if force or not (same and done.is_file()):
@@ -166,9 +154,9 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
 
     work, out, adapter = Path(cfg.work), Path(cfg.out), Path(cfg.adapter)
     shapes = (*OLD, cfg.new_class)
-    new = _dataset(work / "new", cfg.new_images, cfg.new_seed, shapes)
-    old = _dataset(work / "old", cfg.old_images, cfg.old_seed, OLD)
-    held = _dataset(work / "heldout", cfg.heldout_images, cfg.heldout_seed, shapes)
+    new = generate_cached(work / "new", cfg.new_images, cfg.new_seed, shapes=shapes)
+    old = generate_cached(work / "old", cfg.old_images, cfg.old_seed, shapes=OLD)
+    held = generate_cached(work / "heldout", cfg.heldout_images, cfg.heldout_seed, shapes=shapes)
     run = train_config(cfg, new, old)
     result = _train(run, cfg.force)
     ship_adapter(Path(run.out) / "adapter", adapter, Path(cfg.base))

@@ -22,7 +22,8 @@ from finetune.data import DetectionSet, load_coco
 from finetune.evaluate import open_engine
 from finetune.merge import merge
 from finetune.served import FORMS, served_forms
-from finetune.transfer import OLD, TransferConfig, _dataset, _train, run_transfer, train_config
+from finetune.synth import generate_cached
+from finetune.transfer import OLD, TransferConfig, _train, run_transfer, train_config
 from paligemma.checkpoint import adapter_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -42,8 +43,8 @@ def heldout(tmp_path_factory: pytest.TempPathFactory, card: dict[str, Any]) -> D
     """The card's held-out set, generated again from its seed."""
     recipe = card["recipe"]
     shapes = (*OLD, recipe["new_class"])
-    folder = _dataset(
-        tmp_path_factory.mktemp("held") / "heldout", recipe["heldout_images"], recipe["heldout_seed"], shapes
+    folder = generate_cached(
+        tmp_path_factory.mktemp("held") / "heldout", recipe["heldout_images"], recipe["heldout_seed"], shapes=shapes
     )
     return load_coco(folder / "annotations.json")
 
