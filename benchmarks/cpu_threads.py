@@ -112,7 +112,6 @@ def measure(
         split = next((line.split(": ", 1)[1] for line in server.log().splitlines() if "CPU threads:" in line), "")
         closed_loop(server.url, script, 4, 2)  # warm-up
         rates: dict[int, list[float]] = {c: [] for c in LEVELS}
-        failed = 0
         rate, failed = closed_loop(server.url, script, LEVELS[0], args.seconds)
         rates[LEVELS[0]].append(rate)
         probe = subprocess.Popen(  # /healthz from its own process through the loaded levels
