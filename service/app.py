@@ -7,6 +7,7 @@ live in a registry owned by this app, and every error leaves as ``{"error": {"co
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -68,6 +69,17 @@ async def _watch_engine(state: ServiceState, engine: Engine) -> None:
             return
 
 
+def _freeze_startup_heap() -> None:
+    """Move what startup allocated (the model, tokenizer, libraries) out of the garbage collector's reach.
+
+    A full collection otherwise walks millions of long-lived objects while a request waits on the event
+    loop: 20-240 ms pauses measured here under load. vLLM's own server does the same after start-up
+    (``vllm.utils.gc_utils.freeze_gc_heap``).
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -76,14 +88,17 @@ def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI]
             state.mask_decoder = await load_mask_decoder(state.settings)  # /segment; None when not configured
             async with factory(state.settings) as engine:
                 state.special_ids = SpecialIds.from_tokenizer(engine.tokenizer())  # type: ignore[arg-type]
+                state.grammar_specs.clear()
                 state.metrics.watch_engine(engine.stats)
                 state.metrics.model_info.labels(engine.model_name, engine.name).set(1)
                 state.engine = engine
                 log.info("serving %s with the %s engine", engine.model_name, engine.name)
                 watchdog = asyncio.create_task(_watch_engine(state, engine), name="engine-watchdog")
+                _freeze_startup_heap()
                 try:
                     yield
                 finally:
+                    gc.unfreeze()
                     watchdog.cancel()
                     state.engine = None
                     state.metrics.unwatch_engine()

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Annotated, cast
+from dataclasses import dataclass, field
+from typing import Annotated, Any, cast
 
 from fastapi import Depends, Request
 
 from paligemma import SpecialIds
+from paligemma.grammar import GrammarSpec
 from paligemma.segmentation import MaskDecoder
 from service.api.images import ImageLimits
 from service.engines.protocol import Engine
@@ -38,19 +39,27 @@ class ServiceState:
     decode_pool: ThreadPoolExecutor | None = None
     mask_decoder: MaskDecoder | None = None
     """big_vision's mask decoder for ``/segment``, loaded at startup when ``segmentation_weights`` is set."""
+    grammar_specs: dict[tuple[Any, ...], GrammarSpec] = field(default_factory=dict)
+    """Detection grammars built for this engine, by labels and limits (service.api.routes.detection_grammar)."""
     exit_code: int = 0
     """Set to 1 when the engine died: ``python -m service`` exits with it."""
     request_exit: Callable[[], None] | None = None
     """Stops the server gracefully (set by ``python -m service``; None when embedded)."""
 
 
-def get_state(request: Request) -> ServiceState:
+def state_of(request: Request) -> ServiceState:
     return cast(ServiceState, request.app.state.service)
 
 
-def get_engine(request: Request) -> Engine:
+async def get_state(request: Request) -> ServiceState:
+    """The dependencies are ``async``: FastAPI runs a plain ``def`` one in its thread pool, a thread hand-off
+    per dependency and request that the event loop paid for under load."""
+    return state_of(request)
+
+
+async def get_engine(request: Request) -> Engine:
     """The loaded engine, or 503 ``not_ready`` (checked before the body is read)."""
-    engine = get_state(request).engine
+    engine = state_of(request).engine
     if engine is None:
         raise Unavailable()
     return engine

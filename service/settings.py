@@ -55,6 +55,13 @@ class Settings(BaseSettings):
         description="The model's CPU threads; auto = OMP_NUM_THREADS if set, else usable cores - decode_threads - 1 "
         "(at least 1); the rest of the cores are left to the API process (service/engines/cpu_threads.py)",
     )
+    model_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="On a CPU host, how many nice levels below the API process the model's threads run (0 = the "
+        "same): probes and request parsing take a core at once, the model gets the cycles left over",
+    )
 
     request_timeout_s: float = Field(120.0, gt=0, description="Deadline per request; past it: 504, engine aborted")
 

@@ -23,7 +23,7 @@ from service.api.intake import read_request
 from service.api.routes import ERROR_RESPONSES, body_docs, decode_and_generate, elapsed_ms, usage_of
 from service.api.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentResponse
 from service.api.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
-from service.deps import EngineDep, StateDep, get_state
+from service.deps import EngineDep, StateDep, state_of
 from service.errors import Unavailable
 
 STATIC = Path(__file__).resolve().parents[1] / "static"
@@ -31,9 +31,9 @@ STATIC = Path(__file__).resolve().parents[1] / "static"
 router = APIRouter()
 
 
-def get_mask_decoder(request: Request) -> MaskDecoder:
+async def get_mask_decoder(request: Request) -> MaskDecoder:
     """The decoder loaded at startup, or 503 ``segmentation_not_configured`` (before the body is read)."""
-    decoder = get_state(request).mask_decoder
+    decoder = state_of(request).mask_decoder
     if decoder is None:
         raise SegmentationNotConfigured()
     return decoder

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from paligemma.checkpoint import adapter_base, is_adapter
 from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
-from service.engines.cpu_threads import cpu_budget, torch_threads
+from service.engines.cpu_threads import cpu_budget, lower_this_thread, torch_threads
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -105,6 +105,7 @@ class HFEngine:
         batch_window_s: float = 0.005,
         max_queue_size: int = 256,
         on_batch: Callable[[int], None] | None = None,
+        model_nice: int = 0,
     ) -> None:
         self.model_name = model_name
         self._model = model
@@ -123,7 +124,9 @@ class HFEngine:
         self._queue: deque[_Pending] = deque()
         self._running: list[_Pending] = []
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hf-generate")
+        self._executor = ThreadPoolExecutor(  # the model's thread, below the event loop (cpu_threads.py)
+            max_workers=1, thread_name_prefix="hf-generate", initializer=lower_this_thread, initargs=(model_nice,)
+        )
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
         self._generate_calls = 0
@@ -323,6 +326,7 @@ async def _open_hf_engine(settings: Settings, on_batch: Callable[[int], None] | 
         batch_window_s=settings.batch_window_ms / 1000,
         max_queue_size=settings.max_queue_size,
         on_batch=on_batch,
+        model_nice=settings.model_nice if model.device.type == "cpu" else 0,
     )
     engine.start()
     try:

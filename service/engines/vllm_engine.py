@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Any, Literal, cast
 
 from paligemma.checkpoint import adapter_base, is_adapter
-from service.engines.cpu_threads import cpu_budget, pinned, scoped_environ, torch_threads, vllm_cpu_binding
+from service.engines.cpu_threads import (
+    cpu_budget,
+    lower_descendants,
+    pinned,
+    scoped_environ,
+    torch_threads,
+    vllm_cpu_binding,
+)
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -255,6 +262,9 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     with scoped_environ(binding):  # read by the engine core it starts; not left behind for the next engine
         llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
     with contextlib.ExitStack() as on_cpu:
+        if budget is not None:  # below the API process: its engine core and worker (cpu_threads.py)
+            lowered = lower_descendants(budget.model_nice)
+            logger.info("vLLM engine core and worker: %d threads at nice +%d", lowered, budget.model_nice)
         if budget is not None and binding:  # the worker has bound its threads; the API process keeps to the rest
             on_cpu.enter_context(pinned(budget.api_cpus))
             on_cpu.enter_context(torch_threads(len(budget.api_cpus)))
