@@ -3,12 +3,14 @@
     .venv/bin/python benchmarks/cpu_threads.py [--engines transformers,vllm] [--seconds 6] [--rounds 3] [--budgets 1,2]
 
 For each engine, one ``python -m service`` on the demo model per budget: the default (``torch_threads=auto``,
-service/engines/cpu_threads.py), then each explicit ``--budgets`` value (``torch_threads=N``; N = the number of
-cores is torch's own default), and for vLLM also vLLM's own binding (``VLLM_CPU_OMP_THREADS_BIND=auto``,
-where the service leaves cores alone). Against each, wrk's closed loop of /detect requests (a held-out 3-shape
-image) at c=1, then ``--rounds`` interleaved runs at c=16 and c=32 (the median is shown), while a separate
-process probes ``/healthz`` every 50 ms through the loaded runs. Needs ``wrk`` (``apt-get install wrk``).
-Prints one table; run it on an otherwise idle machine and compare rows of the same run.
+model at nice +10, service/engines/cpu_threads.py), the default with the model at the API process's priority
+(``model_nice=0``), then each explicit ``--budgets`` value (``torch_threads=N``; N = the number of cores is
+torch's own default), and for vLLM also vLLM's own binding (``VLLM_CPU_OMP_THREADS_BIND=auto``, where the
+service leaves cores alone). Against each, wrk's closed loop of /detect requests (a held-out 3-shape image,
+the server's default ``max_new_tokens``, so whole answers) at c=1, then ``--rounds`` interleaved runs at c=16
+and c=32 (the median is shown), while a separate process probes ``/healthz`` every 50 ms through the loaded
+runs. Needs ``wrk`` (``apt-get install wrk``). Prints one table; run it on an otherwise idle machine and
+compare rows of the same run.
 """
 
 # ruff: noqa: T201  (a command-line benchmark: the table goes to stdout)
@@ -29,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the server harness lives in the tests package
+from service.settings import Settings  # noqa: E402
 from tests.reliability.server import ServiceProcess  # noqa: E402
 
 OBJECTS = "circle ; square ; triangle"
@@ -100,6 +103,7 @@ def measure(
     engine: str, label: str, settings: dict[str, str], env: dict[str, str], args: argparse.Namespace
 ) -> dict[str, object]:
     extra = {"max_model_len": "256", "kv_cache_gib": "1"} if engine == "vllm" else {}
+    extra["max_new_tokens"] = str(Settings.model_fields["max_new_tokens"].default)  # the harness's is 3
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -148,6 +152,7 @@ def main() -> None:
     rows = []
     for engine in args.engines.split(","):
         runs: list[tuple[str, dict[str, str], dict[str, str]]] = [("auto (default)", {}, {})]
+        runs.append(("auto, model_nice=0", {"model_nice": "0"}, {}))
         runs += [(f"torch_threads={n}", {"torch_threads": n}, {}) for n in args.budgets.split(",")]
         if engine == "vllm":
             runs.append(("vLLM's own binding", {}, {"VLLM_CPU_OMP_THREADS_BIND": "auto"}))

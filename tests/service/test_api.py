@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api.routes import detection_grammar
 from service.api.schemas import DetectResponse, TextResponse, VQAResponse
 from service.app import create_app
+from service.errors import ValidationFailed
 from tests.service.conftest import image_bytes, make_settings
 
 LEAKS = re.compile(r"Traceback|0x[0-9a-f]{6,}|/tmp/|site-packages|\.py\b")
@@ -311,6 +313,21 @@ def test_openapi_references_all_resolve(client: TestClient) -> None:
             target = target[part]
     chat = spec["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert "ImageURL" in json.dumps(chat)  # the image part is written in place
+
+
+def test_detection_grammars_are_built_once_per_label_set(client: TestClient) -> None:
+    """Cached per app by labels and limits (tokenizing labels on the event loop was a fifth of a /detect
+    request's work there); a label that cannot be a grammar is refused every time, not cached."""
+    state = client.app.state.service  # type: ignore[attr-defined]
+    engine = state.engine
+    first = detection_grammar(state, engine, ["cat", "dog"], False, 25, 40)
+    assert detection_grammar(state, engine, ["cat", "dog"], False, 25, 40) is first
+    assert detection_grammar(state, engine, ["cat", "dog"], False, 25, 41) is not first  # another token limit
+    assert detection_grammar(state, engine, ["dog", "cat"], False, 25, 40).continued == first.continued[::-1]
+    eos = state.engine.tokenizer().eos_token
+    for _ in range(2):
+        with pytest.raises(ValidationFailed, match="end token"):
+            detection_grammar(state, engine, [f"cat{eos}"], False, 25, 40)
 
 
 def test_detect_follows_the_grammar_by_default(client: TestClient, png: bytes) -> None:

@@ -11,6 +11,7 @@ import os
 import threading
 from pathlib import Path
 
+import httpx
 import psutil
 import pytest
 import torch
@@ -19,6 +20,7 @@ from service.engines import cpu_threads
 from service.engines.cpu_threads import (
     CpuBudget,
     cpu_budget,
+    lower_this_thread,
     pinned,
     scoped_environ,
     torch_threads,
@@ -53,6 +55,29 @@ def test_explicit_choices_win(monkeypatch: pytest.MonkeyPatch) -> None:
     assert budget(16, monkeypatch, env={"OMP_NUM_THREADS": "junk"}).source == "auto"
     whole = budget(4, monkeypatch, torch_threads=4)
     assert whole.api_cpus == whole.cores  # nothing left: the API process shares them
+
+
+def _nice(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def test_lower_this_thread_moves_that_thread_and_what_it_starts_only() -> None:
+    """Linux keeps nice per thread: the model's thread goes down, the event loop's stays where it was."""
+    main = _nice(threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def model_thread() -> None:
+        lower_this_thread(5)
+        seen["model"] = _nice(threading.get_native_id())
+        child = threading.Thread(target=lambda: seen.__setitem__("started by it", _nice(threading.get_native_id())))
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=model_thread)
+    thread.start()
+    thread.join()
+    assert seen == {"model": min(19, main + 5), "started by it": min(19, main + 5)}
+    assert _nice(threading.get_native_id()) == main
 
 
 def test_setting_from_the_environment() -> None:
@@ -118,3 +143,21 @@ def test_vllm_worker_and_api_process_get_disjoint_cores(tiny_checkpoint: Path) -
         assert workers and bound and api_cpus, server.log()[-3000:]
         assert not bound & api_cpus, f"worker on {sorted(bound)}, API process on {sorted(api_cpus)}"
         assert "CPU threads: model" in server.log()
+        # and below the API process: its engine core and worker, every thread, at nice +10
+        main = _nice(api.pid)
+        below = {_nice(thread.id) for p in api.children(recursive=True) for thread in p.threads()}
+        assert below == {main + 10} and _nice(api.pid) == main, server.log()[-3000:]
+
+
+def test_transformers_model_thread_runs_below_the_event_loop(tiny_checkpoint: Path, png: bytes) -> None:
+    with ServiceProcess(tiny_checkpoint, log_level="info") as server:
+        response = httpx.post(f"{server.url}/caption", files={"image": ("x.png", png, "image/png")}, timeout=60)
+        assert response.status_code == 200, response.text
+        api = psutil.Process(server.process.pid)
+        nice = sorted(_nice(thread.id) for thread in api.threads())
+        main = _nice(api.pid)
+        assert nice.count(main + 10) == 1 and nice.count(main) == len(nice) - 1, nice  # hf-generate alone
+        assert "at nice +10" in server.log()
+    with ServiceProcess(tiny_checkpoint, model_nice=0) as server:
+        httpx.post(f"{server.url}/caption", files={"image": ("x.png", png, "image/png")}, timeout=60)
+        assert {_nice(thread.id) for thread in psutil.Process(server.process.pid).threads()} == {main}
