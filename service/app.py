@@ -72,9 +72,9 @@ async def _watch_engine(state: ServiceState, engine: Engine) -> None:
 def _freeze_startup_heap() -> None:
     """Move what startup allocated (the model, tokenizer, libraries) out of the garbage collector's reach.
 
-    A full collection otherwise walks millions of long-lived objects while a request waits on the event
-    loop: 20-240 ms pauses measured here under load. vLLM's own server does the same after start-up
-    (``vllm.utils.gc_utils.freeze_gc_heap``).
+    A full collection otherwise walks all of it while requests wait on the event loop: 20-240 ms a collection
+    in the demo model's server process on the 2-core dev machine. vLLM's own server freezes its heap after
+    start-up in the same way (``vllm.utils.gc_utils.freeze_gc_heap``).
     """
     gc.collect()
     gc.freeze()

@@ -16,8 +16,7 @@ a ``VLLM_CPU_OMP_THREADS_BIND`` already in the environment is left as it is.
 Disjoint cores are not enough where the API process still shares a core (with the load balancer, vLLM's
 engine core, a sidecar): the model's threads also run ``model_nice`` levels below it (Linux keeps a nice
 value per thread), so a probe or a request being parsed takes the core at once and the model gets every
-cycle left over. Measured on 2 cores under saturating load, vLLM: ``/healthz`` p99 79 ms at the same
-priority, 26 ms with the model at nice 10, same throughput (docs/performance.md).
+cycle left over (figures in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -155,11 +154,14 @@ def lower_this_thread(levels: int) -> None:
     _lower(threading.get_native_id(), levels)
 
 
-def lower_descendants(levels: int) -> int:
-    """Every thread of this process's child processes (vLLM's engine core and worker) ``levels`` nice levels
-    below the main thread; how many threads that was."""
+def settle_descendants(budget: CpuBudget, confine: bool) -> int:
+    """Every thread of this process's child processes (vLLM's engine core and worker) ``budget.model_nice``
+    levels below the main thread and, with ``confine``, on the model's cores: the engine core would otherwise
+    spin on the API process's core. Threads vLLM bound to single model cores keep their binding. Returns how
+    many threads there were."""
     import psutil  # a vLLM dependency; only the vLLM engine calls this
 
+    model_cpus = set(budget.model_cpus)
     count = 0
     for child in psutil.Process().children(recursive=True):
         try:
@@ -167,7 +169,13 @@ def lower_descendants(levels: int) -> int:
         except psutil.Error:  # ended meanwhile
             continue
         for thread in threads:
-            count += _lower(thread.id, levels)
+            _lower(thread.id, budget.model_nice)
+            try:
+                if confine and not os.sched_getaffinity(thread.id) <= model_cpus:
+                    os.sched_setaffinity(thread.id, model_cpus)
+            except OSError:  # a thread that ended meanwhile
+                continue
+            count += 1
     return count
 
 

@@ -26,9 +26,9 @@ from typing import Any, Literal, cast
 from paligemma.checkpoint import adapter_base, is_adapter
 from service.engines.cpu_threads import (
     cpu_budget,
-    lower_descendants,
     pinned,
     scoped_environ,
+    settle_descendants,
     torch_threads,
     vllm_cpu_binding,
 )
@@ -133,6 +133,7 @@ class VLLMEngine:
             max_tokens=request.max_new_tokens,
             logprobs=1,
             skip_special_tokens=False,
+            detokenize=False,  # _to_generation decodes the ids once; vLLM's per-token text was thrown away
             output_kind=RequestOutputKind.FINAL_ONLY,
             extra_args={GRAMMAR_KEY: request.grammar.to_dict()} if request.grammar is not None else None,
         )
@@ -262,9 +263,14 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     with scoped_environ(binding):  # read by the engine core it starts; not left behind for the next engine
         llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
     with contextlib.ExitStack() as on_cpu:
-        if budget is not None:  # below the API process: its engine core and worker (cpu_threads.py)
-            lowered = lower_descendants(budget.model_nice)
-            logger.info("vLLM engine core and worker: %d threads at nice +%d", lowered, budget.model_nice)
+        if budget is not None:  # the engine core and worker below the API process, on the model's cores
+            settled = settle_descendants(budget, confine=bool(binding))
+            logger.info(
+                "vLLM engine core and worker: %d threads at nice +%d%s",
+                settled,
+                budget.model_nice,
+                f" on cores {list(budget.model_cpus)}" if binding else "",
+            )
         if budget is not None and binding:  # the worker has bound its threads; the API process keeps to the rest
             on_cpu.enter_context(pinned(budget.api_cpus))
             on_cpu.enter_context(torch_threads(len(budget.api_cpus)))
