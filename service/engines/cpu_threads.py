@@ -179,12 +179,10 @@ def settle_descendants(budget: CpuBudget, confine: bool) -> int:
     return count
 
 
-def _lower(tid: int, levels: int) -> int:
+def _lower(tid: int, levels: int) -> None:
     target = min(19, os.getpriority(os.PRIO_PROCESS, os.getpid()) + levels)
     try:
         if levels > 0 and os.getpriority(os.PRIO_PROCESS, tid) < target:
             os.setpriority(os.PRIO_PROCESS, tid, target)
-            return 1
     except OSError:  # a thread that ended meanwhile
         pass
-    return 0
