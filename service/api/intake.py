@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import time
 from typing import Any, TypeVar
@@ -106,15 +107,20 @@ async def read_request(request: Request, params_model: type[P], limits: ImageLim
     return params, data
 
 
-def _timed_decode(data: bytes, limits: ImageLimits) -> tuple[Image, float]:
+def _timed_decode(data: bytes, limits: ImageLimits) -> tuple[Image, str, float]:
     start = time.perf_counter()
     image = decode_image(data, limits)
-    return image, time.perf_counter() - start
+    return image, hashlib.sha256(data).hexdigest(), time.perf_counter() - start
 
 
-async def decode(state: ServiceState, data: bytes) -> Image:
-    """Decode in the app's bounded thread pool (never on the event loop) and record the decode time."""
+async def decode(state: ServiceState, data: bytes) -> tuple[Image, str]:
+    """The image and a digest of its bytes, made in the app's bounded thread pool (never on the event loop).
+
+    The same bytes always decode to the same image, so the digest names it: vLLM keys its image-processing
+    cache by it instead of hashing the decoded pixels in the API process (a 12-megapixel photo is 36 MB of
+    pixels, its JPEG a few MB). The decode time goes to the metrics.
+    """
     loop = asyncio.get_running_loop()
-    image, seconds = await loop.run_in_executor(state.decode_pool, _timed_decode, data, state.limits)
+    image, digest, seconds = await loop.run_in_executor(state.decode_pool, _timed_decode, data, state.limits)
     state.metrics.decode_seconds.observe(seconds)
-    return image
+    return image, digest

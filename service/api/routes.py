@@ -102,25 +102,8 @@ def _max_new_tokens(state: ServiceState, requested: int | None, default: int | N
     return requested or default or state.settings.max_new_tokens
 
 
-async def _generate(
-    request: Request,
-    state: ServiceState,
-    engine: Engine,
-    image: Image,
-    prefix: str,
-    max_new_tokens: int,
-    adapter: str | None = None,
-    grammar: GrammarSpec | None = None,
-) -> Generation:
+async def _generate(request: Request, state: ServiceState, engine: Engine, job: GenerationRequest) -> Generation:
     """The engine call, aborted on client disconnect (499) or past the deadline (504)."""
-    job = GenerationRequest(
-        image=image,
-        prefix=prefix,
-        max_new_tokens=max_new_tokens,
-        adapter=adapter,
-        request_id=request_id_of(request.scope) or "",
-        grammar=grammar,
-    )
     try:
         generation = await run_guarded(request, engine.generate(job), _deadline_s(request, state))
     except (DeadlineExceeded, ClientClosedRequest) as exc:
@@ -167,8 +150,17 @@ async def decode_and_generate(
     grammar = None
     if labels is not None and params.constrained:
         grammar = detection_grammar(state, engine, labels, segment, params.max_objects, max_new_tokens)
-    image = await decode(state, data)
-    return image, await _generate(request, state, engine, image, prefix, max_new_tokens, params.adapter, grammar)
+    image, image_id = await decode(state, data)
+    job = GenerationRequest(
+        image=image,
+        image_id=image_id,
+        prefix=prefix,
+        max_new_tokens=max_new_tokens,
+        adapter=params.adapter,
+        request_id=request_id_of(request.scope) or "",
+        grammar=grammar,
+    )
+    return image, await _generate(request, state, engine, job)
 
 
 def detection_grammar(

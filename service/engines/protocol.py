@@ -33,6 +33,8 @@ class GenerationRequest:
     request_id: str = ""
     grammar: GrammarSpec | None = None
     """Constrain the answer to this detection grammar (``paligemma.grammar``); None = unconstrained."""
+    image_id: str | None = None
+    """A digest of the uploaded bytes, which name the image exactly: engines may key image caches by it."""
 
 
 @dataclass(frozen=True)

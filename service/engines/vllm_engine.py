@@ -136,8 +136,11 @@ class VLLMEngine:
             detokenize=False,  # _to_generation decodes the ids once; vLLM's per-token text was thrown away
             output_kind=RequestOutputKind.FINAL_ONLY,
             extra_args={GRAMMAR_KEY: request.grammar.to_dict()} if request.grammar is not None else None,
+            skip_clone=True,  # made for this request alone: no deep copy (vLLM's own servers do the same)
         )
-        prompt = {"prompt": request.prefix, "multi_modal_data": {"image": request.image}}
+        prompt: dict[str, Any] = {"prompt": request.prefix, "multi_modal_data": {"image": request.image}}
+        if request.image_id is not None:  # vLLM's processor cache key, instead of hashing the decoded pixels
+            prompt["multi_modal_uuids"] = {"image": [request.image_id]}
         request_id = request.request_id or uuid.uuid4().hex
         lora = self._loras.get(request.adapter) if request.adapter else None
         final = None
@@ -202,6 +205,7 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     """Start ``AsyncLLM`` for ``settings``; shut it down on exit (called from the app's lifespan)."""
     import torch
     from transformers import AutoTokenizer
+    from vllm import envs as vllm_envs
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
@@ -285,6 +289,11 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
             blocks, block_size = llm.vllm_config.cache_config.num_gpu_blocks, llm.vllm_config.cache_config.block_size
             logger.info("vLLM KV cache: %s blocks of %s tokens", blocks, block_size)
             await llm.reset_mm_cache()
+            # vLLM reads its environment variables afresh at each access (os.getenv), and its output handler
+            # does so for every request at every step. Its engine core caches them once started; this process
+            # does so too, while this engine runs.
+            vllm_envs.enable_envs_cache()
             yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
         finally:
+            vllm_envs.disable_envs_cache()
             llm.shutdown()

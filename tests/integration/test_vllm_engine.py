@@ -56,6 +56,22 @@ def test_sixteen_concurrent_requests_all_succeed(vllm_engine: Any, engine_loop: 
     assert vllm_engine.stats()["engine_unfinished"] == 0
 
 
+def test_image_id_is_the_key_of_vllms_image_cache(vllm_engine: Any, engine_loop: Any) -> None:
+    """vLLM keys its image-processing cache by the request's ``image_id`` (the service sends a digest of the
+    uploaded bytes) instead of hashing the decoded pixels: a second picture under the first one's id is
+    served the first one's pixels. Without an id, each picture is its own."""
+    first, second = images()[:2]
+
+    def ids(image: Any, image_id: str | None) -> tuple[int, ...]:
+        request = GenerationRequest(image=image, image_id=image_id, prefix="caption en", max_new_tokens=12)
+        return tuple(engine_loop.run(vllm_engine.generate(request)).token_ids)
+
+    alone = ids(first, None), ids(second, None)
+    assert alone[0] != alone[1]
+    assert ids(first, "one-id") == alone[0]
+    assert ids(second, "one-id") == alone[0]
+
+
 def test_cancelling_aborts_the_engine_request(vllm_engine: Any, engine_loop: Any) -> None:
     request = GenerationRequest(image=images()[0], prefix="caption en", max_new_tokens=400)
 

@@ -7,6 +7,7 @@ its text is garbage, so these tests check shapes, statuses and bookkeeping, not 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import re
 from pathlib import Path
@@ -349,3 +350,23 @@ def test_detect_follows_the_grammar_by_default(client: TestClient, png: bytes) -
         "/detect", files={"image": ("x.png", png, "image/png")}, data={"objects": "cat", "max_objects": "0"}
     )
     assert_error(response, 422, "validation_error")
+
+
+def test_each_upload_is_named_by_a_digest_of_its_bytes(client: TestClient, png: bytes, monkeypatch: Any) -> None:
+    """The id engines may key image caches by (vLLM's processor cache): the same bytes, multipart or base64,
+    give the same id; other bytes another."""
+    engine = client.app.state.service.engine  # type: ignore[attr-defined]
+    real, seen = engine.generate, []
+
+    async def recording(request: Any) -> Any:
+        seen.append(request.image_id)
+        return await real(request)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    jpeg = image_bytes(fmt="JPEG")
+    for data in (png, png, jpeg):
+        response = client.post("/vqa", files={"image": ("x", data, "image/png")}, data={"question": "what?"})
+        assert response.status_code == 200, response.text
+    assert client.post("/vqa", json={"image": b64(png), "question": "what?"}).status_code == 200
+    digest = {data: hashlib.sha256(data).hexdigest() for data in (png, jpeg)}
+    assert seen == [digest[png], digest[png], digest[jpeg], digest[png]]
