@@ -110,7 +110,8 @@ async def read_request(request: Request, params_model: type[P], limits: ImageLim
 def _timed_decode(data: bytes, limits: ImageLimits) -> tuple[Image, str, float]:
     start = time.perf_counter()
     image = decode_image(data, limits)
-    return image, hashlib.sha256(data).hexdigest(), time.perf_counter() - start
+    seconds = time.perf_counter() - start  # the decode alone, as the metric says
+    return image, hashlib.sha256(data).hexdigest(), seconds
 
 
 async def decode(state: ServiceState, data: bytes) -> tuple[Image, str]:

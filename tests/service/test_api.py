@@ -364,8 +364,8 @@ def test_each_upload_is_named_by_a_digest_of_its_bytes(client: TestClient, png: 
 
     monkeypatch.setattr(engine, "generate", recording)
     jpeg = image_bytes(fmt="JPEG")
-    for data in (png, png, jpeg):
-        response = client.post("/vqa", files={"image": ("x", data, "image/png")}, data={"question": "what?"})
+    for data, media in ((png, "image/png"), (png, "image/png"), (jpeg, "image/jpeg")):
+        response = client.post("/vqa", files={"image": ("x", data, media)}, data={"question": "what?"})
         assert response.status_code == 200, response.text
     assert client.post("/vqa", json={"image": b64(png), "question": "what?"}).status_code == 200
     digest = {data: hashlib.sha256(data).hexdigest() for data in (png, jpeg)}
