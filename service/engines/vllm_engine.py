@@ -25,12 +25,13 @@ from typing import Any, Literal, cast
 
 from paligemma.checkpoint import adapter_base, is_adapter
 from service.engines.cpu_threads import (
+    BIND,
     cpu_budget,
     pinned,
     scoped_environ,
     settle_descendants,
     torch_threads,
-    vllm_cpu_binding,
+    vllm_cpu_environ,
 )
 from service.engines.protocol import (
     EngineDeadError,
@@ -248,12 +249,10 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         config.cache_config.kv_cache_memory_bytes = int(settings.kv_cache_gib * 2**30)
     require_prefix_lm(config)
     budget = None if on_gpu else cpu_budget(settings)
-    binding = {} if budget is None else vllm_cpu_binding(budget)
-    if budget is not None and not binding:
-        logger.info(
-            "VLLM_CPU_OMP_THREADS_BIND=%s set by the user: cores left as they are",
-            os.environ.get("VLLM_CPU_OMP_THREADS_BIND"),
-        )
+    cpu_environ = {} if budget is None else vllm_cpu_environ(budget)
+    confine = BIND in cpu_environ
+    if budget is not None and not confine:
+        logger.info("%s=%s set by the user: cores left as they are", BIND, os.environ.get(BIND))
     logger.info(
         "starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s, prefix-LM attention, max_model_len %d, "
         "max_num_batched_tokens %d (chunked prefill and prefix caching off)",
@@ -264,25 +263,25 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         config.model_config.max_model_len,
         config.scheduler_config.max_num_batched_tokens,
     )
-    with scoped_environ(binding):  # read by the engine core it starts; not left behind for the next engine
+    with scoped_environ(cpu_environ):  # read as the engine starts; not left behind for the next engine
         llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
     with contextlib.ExitStack() as on_cpu:
         if budget is not None:  # the engine core and worker below the API process, on the model's cores
-            settled = settle_descendants(budget, confine=bool(binding))
+            settled = settle_descendants(budget, confine=confine)
             logger.info(
                 "vLLM engine core and worker: %d threads at nice +%d%s",
                 settled,
                 budget.model_nice,
-                f" on cores {list(budget.model_cpus)}" if binding else "",
+                f" on cores {list(budget.model_cpus)}" if confine else "",
             )
-        if budget is not None and binding:  # the worker has bound its threads; the API process keeps to the rest
+        if budget is not None and confine:  # the worker has bound its threads; the API process keeps to the rest
             on_cpu.enter_context(pinned(budget.api_cpus))
             on_cpu.enter_context(torch_threads(len(budget.api_cpus)))
             logger.info(
                 "%s: vLLM worker on cores %s (VLLM_CPU_OMP_THREADS_BIND=%s), API process on cores %s",
                 budget.describe(),
                 list(budget.model_cpus),
-                binding["VLLM_CPU_OMP_THREADS_BIND"],
+                cpu_environ[BIND],
                 list(budget.api_cpus),
             )
         try:

@@ -72,6 +72,38 @@ def test_image_id_is_the_key_of_vllms_image_cache(vllm_engine: Any, engine_loop:
     assert ids(second, "one-id") == alone[0]
 
 
+def test_answers_finishing_in_one_step_resume_in_turns(vllm_engine: Any, engine_loop: Any) -> None:
+    """On CPU vLLM hands the event loop one output per turn (``VLLM_V1_OUTPUT_PROC_CHUNK_SIZE=1``): eight
+    requests that finish in the same engine step resume in turns, so a probe waits behind one response's
+    work, not eight. With vLLM's default (up to 128 a turn) all eight resume in one turn."""
+    llm = vllm_engine._llm
+    request = GenerationRequest(image=images()[0], prefix="caption en", max_new_tokens=8)
+
+    async def groups_of_one_turn() -> list[int]:
+        loop = asyncio.get_running_loop()
+        groups: list[list[int]] = [[]]
+
+        async def one(index: int) -> None:
+            await vllm_engine.generate(request)
+            if not groups[-1]:  # the first to resume in this turn opens the next turn's group
+                loop.call_soon(groups.append, [])
+            groups[-1].append(index)
+
+        await llm.pause_generation(mode="keep", clear_cache=False)  # queued until all eight are in
+        try:
+            tasks = [asyncio.create_task(one(i)) for i in range(8)]
+            while llm.get_num_unfinished_requests() < 8:
+                await asyncio.sleep(0.01)
+        finally:
+            await llm.resume_generation()
+        await asyncio.gather(*tasks)
+        return [len(group) for group in groups if group]
+
+    sizes = engine_loop.run(groups_of_one_turn())
+    assert sum(sizes) == 8
+    assert max(sizes) <= 2, sizes  # a group spans at most two turns (its opener's and the next)
+
+
 def test_cancelling_aborts_the_engine_request(vllm_engine: Any, engine_loop: Any) -> None:
     request = GenerationRequest(image=images()[0], prefix="caption en", max_new_tokens=400)
 

@@ -24,7 +24,7 @@ from service.engines.cpu_threads import (
     pinned,
     scoped_environ,
     torch_threads,
-    vllm_cpu_binding,
+    vllm_cpu_environ,
 )
 from service.settings import Settings
 from tests.reliability.server import ServiceProcess
@@ -91,10 +91,16 @@ def test_setting_from_the_environment() -> None:
         Settings(model="m", torch_threads=0)
 
 
-def test_vllm_binding_is_the_model_cores_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vllm_variables_are_the_budgets_unless_the_user_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     split = budget(8, monkeypatch)
-    assert vllm_cpu_binding(split, environ={}) == {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3,4"}
-    assert vllm_cpu_binding(split, environ={"VLLM_CPU_OMP_THREADS_BIND": "2-3"}) == {}
+    ours = {"VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3,4", "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": "1"}
+    assert vllm_cpu_environ(split, environ={}) == ours
+    assert vllm_cpu_environ(split, environ={"VLLM_CPU_OMP_THREADS_BIND": "2-3"}) == {
+        "VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": "1"
+    }
+    assert vllm_cpu_environ(split, environ={"VLLM_V1_OUTPUT_PROC_CHUNK_SIZE": "64"}) == {
+        "VLLM_CPU_OMP_THREADS_BIND": "0,1,2,3,4"
+    }
 
 
 def test_scoped_environ_leaves_nothing_behind() -> None:
