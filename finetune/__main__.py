@@ -1,10 +1,10 @@
 """``python -m finetune <command>``: the command-line face of the finetune package.
 
-Commands: ``tiny`` (a tiny random PaliGemma), ``synth`` (synthetic shapes data), ``train``, ``merge``,
-``eval``, ``demo`` (the CPU quality benchmark) and ``lora-demo`` (a new class taught with LoRA). Each
-command's flags are generated from its dataclass config in :mod:`finetune.config` (or
-:class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the
-same documentation as the Python API.
+Commands: ``tiny`` (a tiny random PaliGemma), ``random-like`` (random weights, a released architecture),
+``synth`` (synthetic shapes data), ``train``, ``merge``, ``eval``, ``demo`` (the CPU quality benchmark) and
+``lora-demo`` (a new class taught with LoRA). Each command's flags are generated from its dataclass config in
+:mod:`finetune.config` (or :class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so
+``--help`` shows the same documentation as the Python API.
 """
 
 from __future__ import annotations
@@ -41,6 +41,45 @@ def _tiny(args: argparse.Namespace) -> None:
     log.info("wrote a tiny random PaliGemma to %s", out)
 
 
+def _random_like(args: argparse.Namespace) -> None:
+    from paligemma.random_like import build_random_like
+
+    if (args.layers is not None and args.layers < 1) or (args.vision_layers is not None and args.vision_layers < 1):
+        raise SystemExit("error: --layers and --vision-layers must be at least 1")
+    out = build_random_like(
+        args.arch,
+        args.out,
+        layers=args.layers,
+        vision_layers=args.vision_layers,
+        dtype=args.dtype,
+        seed=args.seed,
+        max_shard_bytes=int(args.max_shard_gib * 2**30),
+    )
+    log.info("wrote a random-weight %s to %s", args.arch, out)
+
+
+def _add_random_like(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from paligemma.variants import ARCHITECTURES, describe
+
+    listing = "\n".join(f"  {describe(v)}" for v in ARCHITECTURES.values())
+    parser = commands.add_parser(
+        "random-like",
+        help="write a random-weight checkpoint with a released PaliGemma 1/2 architecture (no download)",
+        description="Random weights, the released architecture, the real vocabulary and special-token ids, "
+        "the hub layout; written one tensor at a time (memory: the largest tensor plus one shard).",
+        epilog=f"architectures (parameters at full depth):\n{listing}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("arch", choices=list(ARCHITECTURES), metavar="ARCH", help="architecture, listed below")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--layers", type=int, default=None, help="text decoder blocks (default: the real count)")
+    parser.add_argument("--vision-layers", type=int, default=None, help="SigLIP blocks (default: the real 27)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-shard-gib", type=float, default=2.0, help="shard the safetensors above this size")
+    parser.set_defaults(func=_random_like)
+
+
 def _synth(args: argparse.Namespace) -> None:
     from finetune.synth import generate
 
@@ -56,9 +95,13 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
+    from finetune.config import FlagError
     from finetune.train import train
 
-    log.info("trained: %s", train(from_args(TrainConfig, args)))
+    try:
+        log.info("trained: %s", train(from_args(TrainConfig, args)))
+    except FlagError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -96,8 +139,12 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
         from finetune.compare import compare
 
         engines = {
-            "base": open_engine(cfg.compare, cfg.engine, device=cfg.device),
-            "finetuned": open_engine(cfg.model, cfg.engine, device=cfg.device),
+            "base": open_engine(
+                cfg.compare, cfg.engine, device=cfg.device, keep_sliding_window=cfg.keep_sliding_window
+            ),
+            "finetuned": open_engine(
+                cfg.model, cfg.engine, device=cfg.device, keep_sliding_window=cfg.keep_sliding_window
+            ),
         }
         return await compare(
             engines,
@@ -111,7 +158,8 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
             max_new_tokens=cfg.max_new_tokens,
             concurrency=cfg.concurrency,
         )
-    async with open_engine(cfg.model, cfg.engine, device=cfg.device) as engine:
+    engine_cm = open_engine(cfg.model, cfg.engine, device=cfg.device, keep_sliding_window=cfg.keep_sliding_window)
+    async with engine_cm as engine:
         return await evaluate(
             engine,
             detection=detection,
@@ -151,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--image-size", type=int, default=112, help="square input side in pixels (patch 14)")
     tiny.add_argument("--init-std", type=float, default=None, help="std of random weights (default 0.02)")
     tiny.set_defaults(func=_tiny)
+    _add_random_like(commands)
 
     synth = commands.add_parser("synth", help="synthetic shapes: COCO annotations.json + vqa.jsonl + images/")
     synth.add_argument("--out", type=Path, required=True, help="output directory")

@@ -55,12 +55,31 @@ class ExampleDataset(Dataset[dict[str, Any]]):
         return {"image": self.image(ex.image), "prefix": ex.prefix, "suffix": ex.suffix}
 
 
+def sequence_lengths(processor: Any, examples: Sequence[Example]) -> tuple[int, int]:
+    """``(longest prompt, longest example)`` in tokens, as the collator builds them: the checkpoint's image
+    tokens + ``<bos>`` + prefix + ``"\\n"``, then answer + ``<eos>``. Read before training, so a length
+    limit that cannot hold the image tokens is refused up front instead of failing inside the tokenizer."""
+    tokenizer = processor.tokenizer
+    image_tokens = int(processor.image_seq_length)
+    prompts = sorted({ex.prefix for ex in examples})
+    prompt_lengths = dict(zip(prompts, _token_counts(tokenizer, [p + "\n" for p in prompts]), strict=True))
+    answers = _token_counts(tokenizer, [ex.suffix + tokenizer.eos_token for ex in examples])
+    longest_prompt = image_tokens + 1 + max(prompt_lengths.values(), default=0)
+    longest = max((prompt_lengths[ex.prefix] + n for ex, n in zip(examples, answers, strict=True)), default=0)
+    return longest_prompt, image_tokens + 1 + longest
+
+
+def _token_counts(tokenizer: Any, texts: list[str]) -> list[int]:
+    return [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 @dataclass
 class PaliGemmaCollator:
     """``list[{"image", "prefix", "suffix"}]`` -> model inputs with ``labels`` (loss on suffix + eos only)."""
 
     processor: Any
-    max_length: int = 256
+    max_length: int | None = None
+    """Cut longer examples' answers to this many tokens in all (None: never cut; see :func:`sequence_lengths`)."""
     dtype: torch.dtype | None = None
     """Cast ``pixel_values`` to this dtype (bf16 training)."""
     trim_logits: bool = True
@@ -77,7 +96,7 @@ class PaliGemmaCollator:
                 suffix=[item["suffix"] for item in batch],
                 return_tensors="pt",
                 padding="longest",
-                truncation="only_second",
+                truncation="only_second" if self.max_length is not None else False,
                 max_length=self.max_length,
             )
         finally:

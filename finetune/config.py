@@ -22,6 +22,10 @@ Method = Literal["lora", "qlora", "full"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+class FlagError(ValueError):
+    """A flag's value that only the data or the checkpoint shows to be wrong (found before training starts)."""
+
+
 def flag(name: str) -> str:
     """``max_minutes`` -> ``--max-minutes`` (for error messages)."""
     return "--" + name.replace("_", "-")
@@ -108,8 +112,10 @@ class TrainConfig(DataConfig):
     decay_steps: int = 0
     """With --max-steps: the learning rate falls linearly to 0 over the last N steps (warmup-stable-decay,
     transformers' ``warmup_stable_decay`` scheduler; replaces --scheduler)."""
-    max_length: int = 256
-    """Longest tokenized example; only the suffix is ever truncated."""
+    max_length: int | None = None
+    """Longest tokenized example: image tokens + prompt + answer. Default: what the longest example needs
+    (the checkpoint's image tokens, 256 to 4,096, plus its text), so nothing is cut. A smaller value cuts
+    answers only; one that leaves no room for the image tokens and a prompt is refused before training."""
     logging_steps: int = 10
     """Log (and record on the learning curve) every N steps."""
     save_steps: int = 500
@@ -123,9 +129,14 @@ class TrainConfig(DataConfig):
     threads: int | None = None
     """torch CPU threads (None: torch's default)."""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """auto: bf16 on a GPU that supports it, fp32 on CPU."""
+    """auto: bf16 on a GPU that supports it; on the CPU bf16 for a bfloat16 checkpoint (real sizes) where the
+    CPU runs it (AVX2 and up), fp32 otherwise (the tiny and demo models)."""
     gradient_checkpointing: bool | None = None
-    """None: on for GPU, off on CPU (where memory is not the limit)."""
+    """None: on for a GPU; on the CPU on for models over 1 B parameters (every real PaliGemma, whose
+    activations would not fit memory), off for the tiny ones (where it only costs time)."""
+    keep_sliding_window: bool = False
+    """PaliGemma 2: keep the checkpoint's Gemma 2 sliding window (default: every text layer global, as
+    big_vision trained PaliGemma 2; it matters only at 896 px, docs/how-paligemma-works.md section 8)."""
     snapshot_steps: tuple[int, ...] = ()
     """Also save the model after these optimiser steps (for a held-out learning curve)."""
     workers: int = 0
@@ -141,6 +152,8 @@ class TrainConfig(DataConfig):
             raise ValueError(f"no training data: give {flag('coco')}, {flag('jsonl')} or {flag('vqa')}")
         if self.method not in ("lora", "qlora", "full"):
             raise ValueError(f"{flag('method')} must be lora, qlora or full, got {self.method!r}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"{flag('max_length')} must be >= 2, got {self.max_length}")
         for name in ("batch_size", "grad_accum", "lora_r", "logging_steps", "save_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{flag(name)} must be >= 1, got {getattr(self, name)}")
@@ -213,6 +226,9 @@ class EvalConfig:
     """Requests in flight at once (the engine batches them)."""
     device: str = "auto"
     """Device for the transformers engine (auto, cpu, cuda)."""
+    keep_sliding_window: bool = False
+    """PaliGemma 2: serve with the checkpoint's Gemma 2 sliding window (default: every text layer global, as
+    big_vision trained it and as the service serves it)."""
     compare: str | None = None
     """Base model to compare --model against on the same images (pictures: base left, --model right)."""
     sheet: int = 8
@@ -305,6 +321,7 @@ __all__ = [
     "DEFAULT_LORA_TARGETS",
     "DataConfig",
     "EvalConfig",
+    "FlagError",
     "MergeConfig",
     "Method",
     "TrainConfig",

@@ -255,12 +255,13 @@ def open_engine(
     device: str = "auto",
     max_batch_size: int = 64,
     lora: dict[str, str] | None = None,
+    keep_sliding_window: bool = False,
 ) -> contextlib.AbstractAsyncContextManager[Engine]:
     """The service's own engine over ``model`` (``service.engines.open_engine``), as an async context manager.
 
     ``kind`` is ``transformers``, ``vllm`` or ``auto``; ``lora`` (vLLM) maps adapter names to directories,
-    as ``--lora NAME=PATH``. The queue is unbounded here because :func:`evaluate` bounds what is in
-    flight itself.
+    as ``--lora NAME=PATH``; ``keep_sliding_window`` is the service setting of that name (PaliGemma 2). The
+    queue is unbounded here because :func:`evaluate` bounds what is in flight itself.
     """
     import torch
 
@@ -277,5 +278,6 @@ def open_engine(
         enforce_eager=not torch.cuda.is_available(),
         kv_cache_gib=None if torch.cuda.is_available() else 1.0,  # vLLM-CPU's default 4 GiB is more than needed
         lora=[f"{name}={path}" for name, path in (lora or {}).items()],
+        keep_sliding_window=keep_sliding_window,
     )
     return open_service_engine(settings)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import (
+    PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
     ProgressCallback,
@@ -38,10 +39,13 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from finetune.collate import ExampleDataset, PaliGemmaCollator
-from finetune.config import TrainConfig, flag, to_json
+from finetune.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
+from finetune.config import FlagError, TrainConfig, flag, to_json
 from finetune.data import Example, detection_examples, load_coco, load_jsonl, load_vqa, vqa_examples
+from paligemma.attention import describe as describe_attention
+from paligemma.attention import global_text_attention
 from paligemma.checkpoint import save_checkpoint
+from service.engines.precision import auto_dtype
 
 log = logging.getLogger(__name__)
 LANGUAGE_MODEL_PATTERN = r".*language_model.*\.({})$"
@@ -68,9 +72,13 @@ def build_examples(cfg: TrainConfig) -> list[Example]:
 
 
 def _precision(cfg: TrainConfig) -> str:
+    """``auto``: bf16 on a GPU that supports it; on the CPU, bf16 for a checkpoint stored in bfloat16 on a CPU
+    that runs it (:func:`service.engines.precision.auto_dtype`), else fp32."""
     if cfg.precision != "auto":
         return cfg.precision
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if auto_dtype(cfg.base, "cpu")[0] == "bfloat16" else "fp32"
 
 
 def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
@@ -92,7 +100,11 @@ def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
     elif cfg.method == "lora" and _precision(cfg) == "bf16":
         kwargs["dtype"] = torch.bfloat16  # the frozen base in bf16; LoRA weights stay fp32
     base = str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base  # recorded in the adapter
-    model = PaliGemmaForConditionalGeneration.from_pretrained(base, **kwargs)
+    config = PaliGemmaConfig.from_pretrained(base)
+    if not cfg.keep_sliding_window:
+        global_text_attention(config)  # as big_vision trained PaliGemma 2 (paligemma.attention)
+    log.info("%s", describe_attention(config, keep_sliding_window=cfg.keep_sliding_window))
+    model = PaliGemmaForConditionalGeneration.from_pretrained(base, config=config, **kwargs)
     if cfg.method == "full":
         for part, frozen in (("vision_tower", cfg.freeze_vision), ("multi_modal_projector", cfg.freeze_projector)):
             for param in getattr(model.model, part).parameters():
@@ -114,8 +126,41 @@ def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
     return get_peft_model(model, lora), processor
 
 
-def _checkpointing(cfg: TrainConfig) -> bool:
-    return cfg.gradient_checkpointing if cfg.gradient_checkpointing is not None else torch.cuda.is_available()
+def _max_length(cfg: TrainConfig, examples: list[Example]) -> int | None:
+    """``--max-length`` checked against the checkpoint's image tokens and the data (None: nothing is cut)."""
+    processor = PaliGemmaProcessor.from_pretrained(cfg.base)
+    longest_prompt, longest = sequence_lengths(processor, examples)
+    image_tokens = processor.image_seq_length
+    if cfg.max_length is None:
+        log.info("longest example %d tokens (%d image tokens + text): nothing is cut", longest, image_tokens)
+        return None
+    if cfg.max_length <= longest_prompt:
+        raise FlagError(
+            f"{flag('max_length')} {cfg.max_length} leaves no room for an answer: the longest prompt is "
+            f"{longest_prompt} tokens ({image_tokens} image tokens + <bos> + prefix + newline). Give at least "
+            f"{longest_prompt + 1}, or leave it unset ({longest} holds every example whole)"
+        )
+    if cfg.max_length < longest:
+        log.warning(
+            "%s %d cuts the answers of examples longer than that (longest: %d tokens)",
+            flag("max_length"),
+            cfg.max_length,
+            longest,
+        )
+    return cfg.max_length
+
+
+CHECKPOINTING_ABOVE_PARAMS = 1_000_000_000
+"""On the CPU, gradient checkpointing is on by default for models above this size (every real PaliGemma):
+PaliGemma 2 3B at batch 8 would otherwise keep about 4 GiB of activations per example."""
+
+
+def _checkpointing(cfg: TrainConfig, model: Any = None) -> bool:
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing
+    if torch.cuda.is_available() or model is None:
+        return torch.cuda.is_available()
+    return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMS
 
 
 class Budget(TrainerCallback):
@@ -220,6 +265,7 @@ def train(cfg: TrainConfig) -> Path:
     record = train_record(cfg)
     (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     examples = build_examples(cfg)
+    max_length = _max_length(cfg, examples)  # before the model loads: a bad --max-length fails in seconds
     model, processor = load_model(cfg)
     precision = _precision(cfg)
     args = TrainingArguments(
@@ -238,7 +284,7 @@ def train(cfg: TrainConfig) -> Path:
         save_total_limit=cfg.save_total_limit,
         seed=cfg.seed,
         bf16=precision == "bf16",
-        gradient_checkpointing=_checkpointing(cfg),
+        gradient_checkpointing=_checkpointing(cfg, model),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         label_names=["labels"],
@@ -255,7 +301,7 @@ def train(cfg: TrainConfig) -> Path:
         model=model,
         args=args,
         train_dataset=ExampleDataset(examples),
-        data_collator=PaliGemmaCollator(processor, cfg.max_length),
+        data_collator=PaliGemmaCollator(processor, max_length),
         callbacks=callbacks,
     )
     if cfg.max_minutes and trainer.pop_callback(ProgressCallback) is not None:
@@ -263,7 +309,14 @@ def train(cfg: TrainConfig) -> Path:
     resume = get_last_checkpoint(str(out)) if cfg.resume else None  # type: ignore[no-untyped-call]
     if cfg.resume and resume is None:
         log.warning("%s: no checkpoint-N in %s, starting from scratch", flag("resume"), out)
-    log.info("training %s on %d examples (%s, %s)", cfg.method, len(examples), precision, trainer.args.device)
+    log.info(
+        "training %s on %d examples (%s, %s, gradient checkpointing %s)",
+        cfg.method,
+        len(examples),
+        precision,
+        trainer.args.device,
+        "on" if args.gradient_checkpointing else "off",
+    )
     trainer.train(resume_from_checkpoint=resume)
     final = out / ("model" if cfg.method == "full" else "adapter")
     if trainer.is_world_process_zero():

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
+from paligemma.shards import DEFAULT_SHARD_BYTES, ShardedWriter
 from paligemma.tokens import IMAGE_TOKEN, LOC_TOKENS, SEG_TOKENS
 
 if TYPE_CHECKING:
@@ -74,8 +76,12 @@ class TinyConfig:
         return (self.image_size // self.patch_size) ** 2
 
 
-def build_tokenizer() -> GemmaTokenizer:
-    """Gemma-style BPE (``▁`` for spaces, byte fallback) trained on a fixed word list: deterministic."""
+def build_tokenizer(base_vocab_size: int | None = None) -> GemmaTokenizer:
+    """Gemma-style BPE (``▁`` for spaces, byte fallback) trained on a fixed word list: deterministic.
+
+    With ``base_vocab_size`` (Gemma's is 256,000) the BPE vocabulary is padded with never-produced
+    ``<unused{k}>`` pieces to exactly that many entries, and ``"\\n"`` moves to id 108 as in Gemma's, so
+    ``<loc>``, ``<seg>`` and ``<image>`` get their real ids (256000..257152)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken, GemmaTokenizer
 
@@ -95,11 +101,26 @@ def build_tokenizer() -> GemmaTokenizer:
     bpe.train_from_iterator((sentences + words) * 4, trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
-    tokenizer = GemmaTokenizer(vocab=model["vocab"], merges=merges)  # type: ignore[arg-type]
+    vocab: dict[str, int] = model["vocab"]
+    if base_vocab_size is not None:
+        vocab = _padded_vocab(vocab, base_vocab_size)
+    tokenizer = GemmaTokenizer(vocab=vocab, merges=merges)  # type: ignore[arg-type]
     # Same order as the real vocabulary: loc, then seg, then the special <image>.
     tokenizer.add_tokens([AddedToken(t, normalized=False) for t in LOC_TOKENS + SEG_TOKENS])
     tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(IMAGE_TOKEN, normalized=False)]})
     return tokenizer
+
+
+def _padded_vocab(vocab: dict[str, int], size: int, newline_id: int = 108) -> dict[str, int]:
+    """``vocab`` with ``"\\n"`` swapped to ``newline_id`` and ``<unused{k}>`` filler up to ``size`` ids."""
+    if size < len(vocab) or size <= newline_id:
+        raise ValueError(f"base vocabulary of {size} cannot hold the {len(vocab)} BPE pieces")
+    out = dict(vocab)
+    by_id = {i: t for t, i in out.items()}
+    displaced, old = by_id[newline_id], out["\n"]
+    out[displaced], out["\n"] = old, newline_id
+    out |= {f"<unused{k}>": i for k, i in enumerate(range(len(vocab), size))}
+    return out
 
 
 def build_processor(tokenizer: Any, image_size: int, image_seq_length: int) -> PaliGemmaProcessor:
@@ -191,23 +212,38 @@ def sinusoid_rows(count: int, width: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1).float()
 
 
-def hub_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under the hub key names vLLM expects (tied ``lm_head`` left out)."""
-    renames = (
-        ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
-        ("model.vision_tower.", "vision_tower.vision_model."),
-        ("model.multi_modal_projector.", "multi_modal_projector."),
-        ("model.language_model.", "language_model.model."),
-        ("lm_head.", "language_model.lm_head."),
-    )
-    tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    out: dict[str, torch.Tensor] = {}
+HUB_RENAMES = (
+    ("model.vision_tower.vision_model.", "vision_tower.vision_model."),
+    ("model.vision_tower.", "vision_tower.vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+)
+"""transformers 5 module names -> the hub key layout vLLM expects (first matching prefix wins)."""
+
+
+def hub_name(key: str) -> str:
+    """The hub key name of a transformers 5 ``PaliGemmaForConditionalGeneration`` state-dict key."""
+    return next((new + key[len(old) :] for old, new in HUB_RENAMES if key.startswith(old)), key)
+
+
+def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hub name, tensor)`` for the model's weights, tied ``lm_head`` left out; the tensors are the
+    model's own (detached, not copied), so walking them costs no memory."""
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
     for key, tensor in model.state_dict().items():
         if tied and key.startswith("lm_head."):
             continue
-        new_key = next((new + key[len(old) :] for old, new in renames if key.startswith(old)), key)
-        out[new_key] = tensor.detach().contiguous().clone()
-    return out
+        yield hub_name(key), tensor.detach()
+
+
+def set_config_dtype(config: Any, dtype: torch.dtype) -> None:
+    """Record ``dtype`` as the weights' dtype in a PaliGemma config and its text and vision sub-configs
+    (``from_pretrained(dtype=float32)`` leaves ``float32`` in the sub-configs otherwise)."""
+    config.dtype = dtype
+    for sub in ("text_config", "vision_config"):
+        if getattr(config, sub, None) is not None:
+            getattr(config, sub).dtype = dtype
 
 
 def save_checkpoint(
@@ -215,20 +251,25 @@ def save_checkpoint(
     processor: Any,
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
 ) -> Path:
-    """Write config, hub-layout safetensors, tokenizer and processor to ``out_dir``."""
-    from safetensors.torch import save_file
+    """Write config, hub-layout safetensors, tokenizer and processor to ``out_dir``.
 
+    The weights stream through :class:`paligemma.shards.ShardedWriter`, each cast to ``dtype`` on its own:
+    peak memory is the model plus one shard (``max_shard_bytes``), and a checkpoint larger than that is
+    written as ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = hub_state_dict(model)
+    with ShardedWriter(out, max_shard_bytes) as writer:
+        for name, tensor in hub_tensors(model):
+            cast_tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+            writer.add(name, cast_tensor)
+            del cast_tensor
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-        model.config.dtype = dtype
+        set_config_dtype(model.config, dtype)
     model.config.architectures = [type(model).__name__]
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     processor.save_pretrained(out)
     return out
 

@@ -37,7 +37,16 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     device: Device = Field("auto", description="auto = cuda, then mps, then cpu")
-    dtype: DType = Field("auto", description="auto = bfloat16 on a GPU, float32 on the CPU")
+    dtype: DType = Field(
+        "auto",
+        description="auto = bfloat16 on a GPU; on the CPU the checkpoint's dtype if it is bfloat16 and the CPU runs "
+        "bfloat16 (AVX2 and up), else float32 (service/engines/precision.py)",
+    )
+    keep_sliding_window: bool = Field(
+        False,
+        description="PaliGemma 2: keep the checkpoint's Gemma 2 sliding window (default: every text layer global, "
+        "as big_vision trained PaliGemma 2; differs only at 896 px, docs/how-paligemma-works.md section 8)",
+    )
 
     max_batch_size: int = Field(8, ge=1, le=256, description="Most requests padded into one generate call")
     batch_window_ms: float = Field(5.0, ge=0, le=1000, description="How long a batch waits to fill up")
@@ -83,7 +92,15 @@ class Settings(BaseSettings):
     )
 
     # vLLM engine (names follow vLLM's AsyncEngineArgs; ignored by the transformers engine)
-    max_model_len: int | None = Field(None, ge=16, description="vLLM: longest prompt + output (default: model's)")
+    max_model_len: int | None = Field(
+        None,
+        ge=16,
+        description="vLLM: longest prompt + output in tokens; default: the checkpoint's image tokens + 2 + "
+        "max_prompt_tokens + max_new_tokens_limit (1,026 at 224 px), so the KV cache holds many sequences",
+    )
+    max_prompt_tokens: int = Field(
+        256, ge=1, description="vLLM: prompt text tokens a request is sized for (part of the default max_model_len)"
+    )
     max_num_seqs: int = Field(32, ge=1, description="vLLM: most sequences decoded together")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vLLM: share of GPU memory to use")
     tensor_parallel_size: int = Field(1, ge=1, description="vLLM: GPUs per model replica (tensor parallel)")

@@ -18,13 +18,17 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from paligemma.attention import describe as describe_attention
+from paligemma.attention import global_text_attention
 from paligemma.checkpoint import adapter_base, is_adapter
 from paligemma.grammar import DetectionGrammar
 from paligemma.tokens import IMAGE_TOKEN
 from service.engines.cpu_threads import cpu_budget, lower_this_thread, torch_threads
+from service.engines.precision import auto_dtype
 from service.engines.protocol import (
     EngineDeadError,
     EngineError,
@@ -32,6 +36,7 @@ from service.engines.protocol import (
     Generation,
     GenerationRequest,
     UnknownAdapterError,
+    warm_up_request,
 )
 
 if TYPE_CHECKING:
@@ -79,14 +84,17 @@ class _GreedySteps:
         return scores
 
 
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    """``auto`` device = cuda, then mps, then cpu; ``auto`` dtype = bfloat16 on a GPU, float32 on the CPU."""
+def resolve_device_dtype(device: str, dtype: str, model: str) -> tuple[torch.device, torch.dtype]:
+    """``auto`` device = cuda, then mps, then cpu; ``auto`` dtype: :func:`service.engines.precision.auto_dtype`
+    for the checkpoint ``model`` (its base, for an adapter directory)."""
     import torch
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
+        checkpoint = (adapter_base(model) or model) if is_adapter(model) else model
+        dtype, why = auto_dtype(checkpoint, device)
+        log.info("dtype auto: %s (%s)", dtype, why)
     return torch.device(device), getattr(torch, dtype)
 
 
@@ -232,7 +240,15 @@ class HFEngine:
             out.extend(self._generate_rows([request]))
         return out
 
-    def _generate_batch(self, requests: list[GenerationRequest]) -> list[Generation]:
+    async def warm_up(self) -> float:
+        """Run :func:`~service.engines.protocol.warm_up_request` on the model thread (not counted in the stats);
+        returns its seconds."""
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        await loop.run_in_executor(self._executor, partial(self._generate_batch, [warm_up_request()], record=False))
+        return loop.time() - start
+
+    def _generate_batch(self, requests: list[GenerationRequest], record: bool = True) -> list[Generation]:
         import torch
         from transformers import LogitsProcessorList
 
@@ -258,9 +274,10 @@ class HFEngine:
                 pad_token_id=self._pad_id,
                 eos_token_id=sorted(self._eos_ids),
             )
-        self._generate_calls += 1
-        if self._on_batch is not None:
-            self._on_batch(len(requests))
+        if record:
+            self._generate_calls += 1
+            if self._on_batch is not None:
+                self._on_batch(len(requests))
         generated = out.sequences[:, inputs["input_ids"].shape[1] :].cpu().tolist()
         logprobs = torch.stack(recorder.steps, dim=1).cpu().tolist() if recorder.steps else [[]] * len(requests)
         prompt_tokens = inputs["attention_mask"].sum(dim=1).cpu().tolist()
@@ -284,14 +301,28 @@ class HFEngine:
         )
 
 
+def _model_config(checkpoint: str, keep_sliding_window: bool) -> Any:
+    """The checkpoint's config, PaliGemma 2's text layers all global unless ``keep_sliding_window``
+    (:mod:`paligemma.attention`); logs which attention the model runs with."""
+    from transformers import PaliGemmaConfig
+
+    config = PaliGemmaConfig.from_pretrained(checkpoint)
+    if not keep_sliding_window:
+        global_text_attention(config)
+    log.info("%s", describe_attention(config, keep_sliding_window=keep_sliding_window))
+    return config
+
+
 def load_model(settings: Settings) -> tuple[Any, Any]:
     """Model and processor from a directory or hub id, on the chosen device and dtype (blocking)."""
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    device, dtype = resolve_device_dtype(settings.device, settings.dtype)
+    device, dtype = resolve_device_dtype(settings.device, settings.dtype, settings.model)
     if not is_adapter(settings.model):
         processor = PaliGemmaProcessor.from_pretrained(settings.model)
-        model = PaliGemmaForConditionalGeneration.from_pretrained(settings.model, dtype=dtype)
+        model = PaliGemmaForConditionalGeneration.from_pretrained(
+            settings.model, dtype=dtype, config=_model_config(settings.model, settings.keep_sliding_window)
+        )
         return model.to(device).eval(), processor  # type: ignore[arg-type]  # transformers types .to() oddly
     from peft import PeftModel  # an adapter directory: its base with the LoRA layers beside, not merged
 
@@ -300,7 +331,9 @@ def load_model(settings: Settings) -> tuple[Any, Any]:
         raise ValueError(f"the adapter {settings.model} names no base model (base_model_name_or_path)")
     has_processor = (Path(settings.model) / "processor_config.json").is_file()
     processor = PaliGemmaProcessor.from_pretrained(settings.model if has_processor else base)
-    model = PaliGemmaForConditionalGeneration.from_pretrained(base, dtype=dtype)
+    model = PaliGemmaForConditionalGeneration.from_pretrained(
+        base, dtype=dtype, config=_model_config(base, settings.keep_sliding_window)
+    )
     adapted = PeftModel.from_pretrained(model, settings.model)
     return adapted.to(device).eval(), processor
 
@@ -330,6 +363,8 @@ async def _open_hf_engine(settings: Settings, on_batch: Callable[[int], None] | 
     )
     engine.start()
     try:
+        seconds = await engine.warm_up()
+        log.info("warm-up generation: %.2f s (weights read, kernels run): ready", seconds)
         yield engine
     finally:
         await engine.aclose()

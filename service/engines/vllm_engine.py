@@ -20,9 +20,9 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
+from paligemma import PromptError
 from paligemma.checkpoint import adapter_base, is_adapter
 from service.engines.cpu_threads import (
     BIND,
@@ -40,47 +40,13 @@ from service.engines.protocol import (
     Generation,
     GenerationRequest,
     UnknownAdapterError,
+    warm_up_request,
 )
-from service.engines.vllm_plugin import GRAMMAR_KEY, GRAMMAR_PROCESSOR, SCHEDULER_CLASS, require_prefix_lm
+from service.engines.vllm_config import engine_config
+from service.engines.vllm_plugin import GRAMMAR_KEY
 from service.settings import Settings
 
-VLLMDType = Literal["auto", "bfloat16", "float16", "float32"]
-LoRARank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
-
 logger = logging.getLogger(__name__)
-
-
-def resolve_dtype(dtype: str, on_gpu: bool, model_type: str | None) -> VLLMDType:
-    """``auto``: float32 on CPU; on a GPU bfloat16 for PaliGemma 2, whose fp16 is unstable and which vLLM's
-    fp16 guard misses (the top-level model_type is ``paligemma``), else the checkpoint's dtype."""
-    if dtype != "auto":
-        return cast(VLLMDType, dtype)
-    if not on_gpu:
-        return "float32"
-    return "bfloat16" if model_type == "gemma2" else "auto"
-
-
-def _text_model_type(model: str) -> str | None:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model)
-    text_config = getattr(config, "text_config", None)
-    return getattr(text_config, "model_type", None)
-
-
-def _lora_rank_bucket(rank: int) -> LoRARank:
-    buckets: tuple[LoRARank, ...] = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-    for bucket in buckets:
-        if rank <= bucket:
-            return bucket
-    raise ValueError(f"LoRA rank {rank} is larger than vLLM supports (512)")
-
-
-def _adapter_rank(path: str) -> int:
-    import json
-
-    config = json.loads((Path(path) / "adapter_config.json").read_text())
-    return int(config.get("r", 16))
 
 
 class VLLMEngine:
@@ -99,6 +65,8 @@ class VLLMEngine:
             for i, (name, path) in enumerate(sorted(settings.loras.items()), start=1)
         }
         self._eos_ids = _eos_ids(tokenizer, settings.model)
+        self._max_model_len = int(llm.vllm_config.model_config.max_model_len)
+        self._max_prompt_tokens = settings.max_prompt_tokens
         self._in_flight = 0
         self._generate_calls = 0
 
@@ -124,6 +92,7 @@ class VLLMEngine:
 
     async def generate(self, request: GenerationRequest) -> Generation:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMValidationError
         from vllm.sampling_params import RequestOutputKind
         from vllm.v1.engine.exceptions import EngineDeadError as VLLMDead
 
@@ -152,6 +121,8 @@ class VLLMEngine:
                 final = output
         except VLLMDead as exc:
             raise EngineDeadError("vLLM engine core died") from exc
+        except VLLMValidationError as exc:  # the request's fault (a prompt past max_model_len): 422, not 500
+            raise PromptError(self._invalid_message(str(exc))) from exc
         except Exception as exc:  # one request failed; the engine goes on
             if self._llm.errored:
                 raise EngineDeadError("vLLM engine core died") from exc
@@ -161,6 +132,14 @@ class VLLMEngine:
         if final is None or not final.outputs:
             raise EngineError(f"vLLM returned no output for request {request_id}")
         return self._to_generation(final)
+
+    def _invalid_message(self, vllm_message: str) -> str:
+        if "maximum model length" not in vllm_message:
+            return vllm_message
+        return (
+            f"the prompt and its image tokens do not fit this server's limit of {self._max_model_len} tokens: "
+            f"shorten the prompt (the server is sized for {self._max_prompt_tokens} tokens of prompt text)"
+        )
 
     def _to_generation(self, final: Any) -> Generation:
         completion = final.outputs[0]
@@ -179,6 +158,19 @@ class VLLMEngine:
             finish_reason=reason,
             prompt_tokens=len(final.prompt_token_ids or ()),
         )
+
+    async def warm_up(self) -> float:
+        """Run :func:`~service.engines.protocol.warm_up_request` (not counted in :meth:`stats`); its seconds."""
+        import time
+
+        from vllm import SamplingParams
+
+        request, start = warm_up_request(), time.monotonic()
+        prompt = {"prompt": request.prefix, "multi_modal_data": {"image": request.image}}
+        params = SamplingParams(temperature=0.0, max_tokens=request.max_new_tokens, detokenize=False)
+        async for _ in self._llm.generate(prompt, params, f"warm-up-{uuid.uuid4().hex}"):
+            pass
+        return time.monotonic() - start
 
     async def aclose(self) -> None:
         self._llm.shutdown()
@@ -207,7 +199,6 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
     import torch
     from transformers import AutoTokenizer
     from vllm import envs as vllm_envs
-    from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.usage.usage_lib import UsageContext
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -218,36 +209,8 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
             f" --model {base} --lora NAME={settings.model} (or merge it: python -m finetune merge)"
         )
     on_gpu = torch.cuda.is_available()
-    dtype = resolve_dtype(settings.dtype, on_gpu, _text_model_type(settings.model))
+    config = engine_config(settings, on_gpu)
     loras = settings.loras
-    ranks = [_adapter_rank(path) for path in loras.values()]
-    args = AsyncEngineArgs(
-        # PaliGemma's prefix-LM mask (service.engines.vllm_plugin): each prompt in one pass, never recomputed
-        enable_chunked_prefill=False,
-        enable_prefix_caching=False,
-        scheduler_cls=SCHEDULER_CLASS,
-        logits_processors=[GRAMMAR_PROCESSOR],  # the detection grammar, for requests that carry one
-        model=settings.model,
-        served_model_name=settings.served_model_name,
-        dtype=dtype,
-        max_model_len=settings.max_model_len,  # type: ignore[arg-type]  # None = the model's own
-        max_num_seqs=settings.max_num_seqs,
-        gpu_memory_utilization=settings.gpu_memory_utilization,
-        tensor_parallel_size=settings.tensor_parallel_size,
-        data_parallel_size=settings.data_parallel_size,
-        enforce_eager=settings.enforce_eager,
-        limit_mm_per_prompt={"image": 1},
-        kv_cache_memory_bytes=int(settings.kv_cache_gib * 2**30) if settings.kv_cache_gib else None,
-        enable_lora=bool(loras),
-        max_lora_rank=_lora_rank_bucket(max([settings.max_lora_rank, *ranks])),
-        max_loras=max(1, len(loras)),
-        disable_log_stats=False,
-    )
-    usage = UsageContext.OPENAI_API_SERVER
-    config = args.create_engine_config(usage)
-    if settings.kv_cache_gib:  # vLLM's CPU platform lets VLLM_CPU_KVCACHE_SPACE override it: it wins here
-        config.cache_config.kv_cache_memory_bytes = int(settings.kv_cache_gib * 2**30)
-    require_prefix_lm(config)
     budget = None if on_gpu else cpu_budget(settings)
     cpu_environ = {} if budget is None else vllm_cpu_environ(budget)
     confine = BIND in cpu_environ
@@ -257,14 +220,14 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
         "starting vLLM: %s, dtype=%s, gpu=%s, adapters=%s, prefix-LM attention, max_model_len %d, "
         "max_num_batched_tokens %d (chunked prefill and prefix caching off)",
         settings.model,
-        dtype,
+        config.model_config.dtype,
         on_gpu,
         sorted(loras),
         config.model_config.max_model_len,
         config.scheduler_config.max_num_batched_tokens,
     )
     with scoped_environ(cpu_environ):  # read as the engine starts; not left behind for the next engine
-        llm = AsyncLLM.from_vllm_config(config, usage_context=usage)
+        llm = AsyncLLM.from_vllm_config(config, usage_context=UsageContext.OPENAI_API_SERVER)
     with contextlib.ExitStack() as on_cpu:
         if budget is not None:  # the engine core and worker below the API process, on the model's cores
             settled = settle_descendants(budget, confine=confine)
@@ -292,7 +255,10 @@ async def open_vllm_engine(settings: Settings) -> AsyncIterator[VLLMEngine]:
             # does so for every request at every step. Its engine core caches them once started; this process
             # does so too, while this engine runs.
             vllm_envs.enable_envs_cache()
-            yield VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
+            engine = VLLMEngine(llm, settings, AutoTokenizer.from_pretrained(settings.model))
+            logger.info("warm-up generation: %.2f s: ready", await engine.warm_up())
+            await llm.reset_mm_cache()  # the warm-up image is no request's
+            yield engine
         finally:
             vllm_envs.disable_envs_cache()
             llm.shutdown()

@@ -21,7 +21,7 @@ def test_synth_command_writes_the_layout(tmp_path: Path) -> None:
 def test_every_command_is_there_and_documented() -> None:
     parser = build_parser()
     (commands,) = [a for a in parser._actions if a.dest == "command"]
-    assert set(commands.choices) == {"tiny", "synth", "train", "merge", "eval", "demo", "lora-demo"}  # type: ignore[arg-type]
+    assert set(commands.choices) == {"tiny", "random-like", "synth", "train", "merge", "eval", "demo", "lora-demo"}  # type: ignore[arg-type]
     lora_help = commands.choices["lora-demo"].format_help()  # type: ignore[index]
     assert "--new-class" in lora_help and "--old-images" in lora_help and "--steps" in lora_help
     train_help = commands.choices["train"].format_help()  # type: ignore[index]
@@ -46,3 +46,16 @@ def test_repeatable_flags_become_tuples() -> None:
     cfg = from_args(TrainConfig, args)
     assert cfg.coco == ("a.json", "b.json") and cfg.lora_targets == ("q_proj",) and cfg.vqa == ()
     assert cfg.method == "lora" and cfg.freeze_vision is False
+
+
+def test_a_max_length_without_room_for_the_image_is_refused_before_training(
+    tiny_checkpoint: Path, shapes: Path, tmp_path: Path
+) -> None:
+    """The tiny checkpoint has 64 image tokens: 60 cannot hold one prompt, and the message names the flag
+    and the length that would (a real 224-px checkpoint has 256; the old default of 256 crashed in the tokenizer)."""
+    args = ["train", "--base", str(tiny_checkpoint), "--out", str(tmp_path / "run"), "--coco"]
+    args += [str(shapes / "annotations.json"), "--max-steps", "1", "--max-length", "60"]
+    with pytest.raises(SystemExit, match=r"--max-length 60 leaves no room for an answer: the longest prompt is \d+ "
+                       r"tokens \(64 image tokens"):
+        main(args)
+    assert not (tmp_path / "run" / "checkpoint-1").exists()

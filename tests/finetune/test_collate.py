@@ -65,3 +65,23 @@ def test_trimmed_logits_give_the_same_loss(tiny_checkpoint: Path) -> None:
         out_full, out_trimmed = model(**full), model(**trimmed)
     assert out_trimmed.logits.shape[1] == keep
     assert torch.allclose(out_trimmed.loss, out_full.loss, atol=1e-6), (out_trimmed.loss, out_full.loss)
+
+
+def test_sequence_lengths_are_the_collators_own(tiny_checkpoint: Path) -> None:
+    """What ``train`` checks ``--max-length`` against is exactly what the collator builds, per example."""
+    from finetune.collate import sequence_lengths
+    from finetune.data import Example
+
+    processor = PaliGemmaProcessor.from_pretrained(tiny_checkpoint)
+    image = Image.new("RGB", (112, 112), (40, 40, 40))
+    examples = [
+        Example(Path("x.png"), "detect circle ; square", "<loc0010><loc0020><loc0300><loc0400> circle"),
+        Example(image=Path("x.png"), prefix="answer en how many shapes are there in this picture?", suffix="two"),
+        Example(image=Path("x.png"), prefix="caption en", suffix="a red circle above a blue square on grey"),
+    ]
+    collate = PaliGemmaCollator(processor, trim_logits=False)
+    built = [collate([{"image": image, "prefix": e.prefix, "suffix": e.suffix}]) for e in examples]
+    prompts = [int((b["token_type_ids"][0] == 0).sum()) for b in built]
+    totals = [int(b["attention_mask"][0].sum()) for b in built]
+    assert sequence_lengths(processor, examples) == (max(prompts), max(totals))
+    assert sequence_lengths(processor, examples[:1]) == (prompts[0], totals[0])

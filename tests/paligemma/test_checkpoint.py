@@ -99,3 +99,44 @@ def test_sinusoid_locs_start_neighbouring_bins_close(tmp_path: Path) -> None:
     assert similarity[501] > 0.95 > similarity[510] > similarity[550] > similarity[1000]
     other = model.get_input_embeddings().weight[: ids[0]].detach().norm(dim=1)[1:]  # row 0 is <pad>'s zeros
     assert float(rows.norm(dim=1).mean()) == pytest.approx(float(other.mean()), rel=0.02)  # the init's scale
+
+
+def test_save_checkpoint_shards_above_the_size_and_leaves_no_stale_files(
+    loaded,  # type: ignore[no-untyped-def]
+    tiny_checkpoint: Path,
+    tmp_path: Path,
+) -> None:
+    from transformers import PaliGemmaForConditionalGeneration
+
+    from paligemma.checkpoint import save_checkpoint
+    from paligemma.shards import INDEX_FILE, checkpoint_files, iter_checkpoint_tensors, read_header
+
+    processor, _ = loaded
+    model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_checkpoint)  # save_checkpoint sets its dtype
+    single = save_checkpoint(model, processor, tmp_path / "single")
+    out = save_checkpoint(model, processor, tmp_path / "out", dtype=torch.bfloat16)  # single first: stale later
+    assert [p.name for p in checkpoint_files(out)] == ["model.safetensors"]
+    save_checkpoint(model, processor, out, dtype=torch.float32, max_shard_bytes=1 << 20)  # sharded over single
+    files = checkpoint_files(out)
+    assert len(files) >= 3 and [p.name for p in files] == [
+        f"model-{i:05d}-of-{len(files):05d}.safetensors" for i in range(1, len(files) + 1)
+    ]
+    assert sorted(p.name for p in out.glob("model*")) == sorted([*(p.name for p in files), INDEX_FILE])
+    index = json.loads((out / INDEX_FILE).read_text())
+    tensors = dict(iter_checkpoint_tensors(out))
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors.values())
+    assert set(index["weight_map"]) == set(tensors) and set(index["weight_map"].values()) == {p.name for p in files}
+    assert all(read_header(p)["__metadata__"] == {"format": "pt"} for p in files)
+    for path in files:  # the files safetensors itself reads, under the index's names
+        with safe_open(str(path), "pt") as f:
+            assert {index["weight_map"][k] for k in f.keys()} == {path.name}  # noqa: SIM118 - not a dict
+
+    sharded, info = PaliGemmaForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = PaliGemmaForConditionalGeneration.from_pretrained(single)
+    for (name, a), (_, b) in zip(sharded.state_dict().items(), reference.state_dict().items(), strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+
+    save_checkpoint(model, processor, out)  # and back to a single file
+    assert sorted(p.name for p in out.glob("model*")) == ["model.safetensors"]
+    assert not list(out.glob(".shard-*"))
