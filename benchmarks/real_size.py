@@ -11,8 +11,9 @@ Stages, each a separate process run exactly as a user runs it (default flags unl
    (the step count and the data are the only flags; batch size, precision, max length: the defaults);
 5. ``python -m finetune merge`` of that run (default dtype bfloat16): peak memory against the output's size.
 
-Peak memory is the process's ``ru_maxrss`` (``wait4``) for one-process stages, and the largest sum of VmRSS
-over the server's process tree (vLLM's engine core is a child process), sampled every 0.2 s, for serving.
+Peak memory is the process's ``ru_maxrss`` (``wait4``) for one-process stages, and the largest proportional set
+size (PSS) of the server's process tree (vLLM's engine core and worker are child processes), sampled every 0.5 s,
+for serving.
 Not a test: it prints a table (markdown) and writes the figures as JSON.
 
     python benchmarks/real_size.py --work /tmp/real-size                  # paligemma2-3b-224, ~30 min on 2 cores
@@ -39,6 +40,8 @@ import httpx
 
 REPO = Path(__file__).resolve().parents[1]
 GIB = 2**30
+DETECT_TOKENS = 8
+"""New tokens per ``/detect``: one object (four locs, the label, eos) fits; a random model fills them all."""
 
 
 def run_stage(args: list[str], log: Path) -> dict[str, float]:
@@ -52,32 +55,33 @@ def run_stage(args: list[str], log: Path) -> dict[str, float]:
     return {"seconds": round(time.monotonic() - start, 1), "peak_gib": round(usage.ru_maxrss * 1024 / GIB, 2)}
 
 
-def tree_rss(pid: int) -> int:
-    """Sum of VmRSS over ``pid`` and its descendants, bytes."""
+def tree_pss(pid: int) -> int:
+    """Proportional set size of ``pid`` and its descendants, bytes: resident pages, a page shared by several of
+    them (vLLM's API process, engine core and worker map the same libraries) counted once in all."""
     total, stack = 0, [pid]
     while stack:
         current = stack.pop()
         try:
-            status = Path(f"/proc/{current}/status").read_text()
+            rollup = Path(f"/proc/{current}/smaps_rollup").read_text()
             for task in Path(f"/proc/{current}/task").iterdir():
                 stack += [int(c) for c in (task / "children").read_text().split()]
         except (FileNotFoundError, ProcessLookupError):
             continue
-        match = re.search(r"VmRSS:\s+(\d+) kB", status)
+        match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
         total += int(match.group(1)) * 1024 if match else 0
     return total
 
 
 class Peak(threading.Thread):
-    """Samples :func:`tree_rss` of a process until stopped; ``peak`` in bytes."""
+    """Samples :func:`tree_pss` of a process until stopped; ``peak`` in bytes."""
 
     def __init__(self, pid: int) -> None:
         super().__init__(daemon=True)
         self.pid, self.peak, self._stop_event = pid, 0, threading.Event()
 
     def run(self) -> None:
-        while not self._stop_event.wait(0.2):
-            self.peak = max(self.peak, tree_rss(self.pid))
+        while not self._stop_event.wait(0.5):
+            self.peak = max(self.peak, tree_pss(self.pid))
 
     def stop(self) -> int:
         self._stop_event.set()
@@ -94,7 +98,10 @@ def free_port() -> int:
 def detect(url: str, image: bytes) -> float:
     start = time.monotonic()
     response = httpx.post(
-        f"{url}/detect", files={"image": ("i.png", image, "image/png")}, data={"objects": "circle"}, timeout=1800
+        f"{url}/detect",
+        files={"image": ("i.png", image, "image/png")},
+        data={"objects": "circle", "max_new_tokens": str(DETECT_TOKENS)},
+        timeout=3600,
     )
     response.raise_for_status()
     return time.monotonic() - start
@@ -105,6 +112,7 @@ def serve_stage(model: Path, engine: str, flags: list[str], image: bytes, reques
     port = free_port()
     env = {**os.environ, "PALIGEMMA_LOG_LEVEL": "info"}
     command = [sys.executable, "-m", "service", "--model", str(model), "--engine", engine, "--port", str(port)]
+    command += ["--request-timeout-s", "3600"]  # a full-size model on a few CPU cores takes minutes
     url, start = f"http://127.0.0.1:{port}", time.monotonic()
     with log.open("w") as out:
         process = subprocess.Popen([*command, *flags], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
@@ -121,7 +129,7 @@ def serve_stage(model: Path, engine: str, flags: list[str], image: bytes, reques
                 pass
             time.sleep(0.5)
         ready = time.monotonic() - start
-        resident = tree_rss(process.pid)
+        resident = tree_pss(process.pid)
         latencies = [detect(url, image) for _ in range(requests)]
     finally:
         process.terminate()
@@ -166,6 +174,7 @@ def main() -> None:
         figures["build"] = run_stage(
             ["finetune", "random-like", args.arch, "--out", str(base), *layers], work / "build.log"
         )
+        print(figures["build"], flush=True)
     figures["checkpoint_gib"] = round(sum(p.stat().st_size for p in base.glob("*.safetensors")) / GIB, 2)
     data = generate(work / "data", args.train_images, seed=11, max_shapes=1)
     image = (sorted((data / "images").iterdir())[0]).read_bytes()
