@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -84,13 +83,6 @@ def _vllm_ids(loop: LoopThread, checkpoint: Path, *, keep_sliding_window: bool) 
 
 
 @pytest.fixture(scope="module")
-def loop() -> Iterator[LoopThread]:
-    thread = LoopThread()
-    yield thread
-    thread.close()
-
-
-@pytest.fixture(scope="module")
 def unbounded(windowed: tuple[Path, Path]) -> list[list[int]]:
     """The reference: transformers on the wide checkpoint as it is (its window covers every sequence)."""
     ids = _transformers_ids(windowed[1], keep_sliding_window=True)
@@ -100,18 +92,18 @@ def unbounded(windowed: tuple[Path, Path]) -> list[list[int]]:
 
 
 def test_both_engines_attend_globally_by_default(
-    windowed: tuple[Path, Path], unbounded: list[list[int]], loop: LoopThread
+    windowed: tuple[Path, Path], unbounded: list[list[int]], engine_loop: LoopThread
 ) -> None:
     short, _ = windowed
     assert _transformers_ids(short, keep_sliding_window=False) == unbounded
-    assert _vllm_ids(loop, short, keep_sliding_window=False) == unbounded
+    assert _vllm_ids(engine_loop, short, keep_sliding_window=False) == unbounded
 
 
 def test_keep_sliding_window_bands_attention_in_both_engines(
-    windowed: tuple[Path, Path], unbounded: list[list[int]], loop: LoopThread
+    windowed: tuple[Path, Path], unbounded: list[list[int]], engine_loop: LoopThread
 ) -> None:
     short, _ = windowed
     transformers_kept = _transformers_ids(short, keep_sliding_window=True)
-    vllm_kept = _vllm_ids(loop, short, keep_sliding_window=True)
+    vllm_kept = _vllm_ids(engine_loop, short, keep_sliding_window=True)
     assert sum(k != u for k, u in zip(transformers_kept, unbounded, strict=True)) >= 10
     assert sum(k != u for k, u in zip(vllm_kept, unbounded, strict=True)) >= 10
