@@ -53,7 +53,8 @@ def _requests() -> list[GenerationRequest]:
 
 
 def _transformers_ids(checkpoint: Path, *, keep_sliding_window: bool) -> list[list[int]]:
-    from service.engines.hf_engine import HFEngine, load_model
+    from service.engines.hf_engine import HFEngine
+    from service.engines.hf_model import load_model
     from tests.service.conftest import make_settings
 
     model, processor = load_model(make_settings(checkpoint, keep_sliding_window=keep_sliding_window))
