@@ -96,12 +96,15 @@ def _synth(args: argparse.Namespace) -> None:
 
 def _train(args: argparse.Namespace) -> None:
     from finetune.config import FlagError
+    from finetune.data import DataError, data_error_message
     from finetune.train import train
 
     try:
         log.info("trained: %s", train(from_args(TrainConfig, args)))
     except FlagError as exc:
         raise SystemExit(f"error: {exc}") from None
+    except DataError as exc:  # also from a DataLoader worker: one clean line, never the worker's traceback
+        raise SystemExit(f"error: {data_error_message(exc)}") from None
 
 
 def _merge(args: argparse.Namespace) -> None:

@@ -17,42 +17,59 @@ of 0.19 s, and with a real 257k-token vocabulary the full logits of a batch woul
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from finetune.data import Example
+from finetune.data import DataError, Example, OnError
+from finetune.images import load_training_image
 from paligemma.tokens import IMAGE_TOKEN
+
+log = logging.getLogger(__name__)
 
 
 class ExampleDataset(Dataset[dict[str, Any]]):
-    """Examples with their images decoded on access (decoded images are cached: synthetic sets are small)."""
+    """Examples whose images are decoded when an item is read and never kept, so memory does not grow with
+    the dataset (:mod:`finetune.images`). With ``processor``, each image is also resized to the processor's
+    input size there (in the DataLoader's workers when there are any), with its own resize.
 
-    def __init__(self, examples: Sequence[Example], cache_images: bool = True) -> None:
+    An image that fails to decode (a truncated JPEG passes the loaders' header check): with
+    ``on_error="skip"`` it is logged once per file and process and the next example in order takes its
+    place (deterministic: ``index + 1``, wrapping); with ``"fail"`` a :class:`DataError` names the file.
+    """
+
+    def __init__(self, examples: Sequence[Example], processor: Any = None, on_error: OnError = "skip") -> None:
         self.examples = list(examples)
-        self.cache_images = cache_images
-        self._cache: dict[str, Image.Image] = {}
+        self.image_processor = getattr(processor, "image_processor", None)
+        self.on_error = on_error
+        self._bad: dict[str, str] = {}
+        """Files that failed in this process: skipped without being read again."""
 
     def __len__(self) -> int:
         return len(self.examples)
 
-    def image(self, path: Any) -> Image.Image:
-        key = str(path)
-        if key in self._cache:
-            return self._cache[key]
-        with Image.open(key) as im:
-            image = im.convert("RGB")
-        if self.cache_images:
-            self._cache[key] = image
-        return image
-
     def __getitem__(self, index: int) -> dict[str, Any]:
-        ex = self.examples[index]
-        return {"image": self.image(ex.image), "prefix": ex.prefix, "suffix": ex.suffix}
+        n = len(self.examples)
+        if not -n <= index < n:
+            raise IndexError(f"example {index} of {n}")
+        for step in range(n):
+            ex = self.examples[(index + step) % n]
+            if str(ex.image) in self._bad:
+                continue
+            try:
+                image = load_training_image(ex.image, self.image_processor)
+            except DataError as exc:
+                if self.on_error == "fail":
+                    raise
+                self._bad[str(ex.image)] = str(exc)
+                log.warning("skipping bad image %s", exc)
+                continue
+            return {"image": image, "prefix": ex.prefix, "suffix": ex.suffix}
+        raise DataError(f"no readable image among the {n} examples: {next(iter(self._bad.values()), '')}")
 
 
 def sequence_lengths(processor: Any, examples: Sequence[Example]) -> tuple[int, int]:

@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from finetune.data import Box, DetectionSet, VQARecord
 from finetune.evaluate import PICTURE_SIDE, comparison_picture, evaluate
+from finetune.images import load_training_image
 from finetune.metrics import answer_accuracy
 from paligemma.draw import GROUND_TRUTH, contact_sheet
 
@@ -68,8 +69,8 @@ def with_lines(picture: Image.Image, lines: Sequence[tuple[str, tuple[int, int, 
 
 
 def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Decoded as for training and serving (EXIF orientation, 16-bit, CMYK): :mod:`finetune.images`."""
+    return load_training_image(path)
 
 
 def _boxes(records: dict[str, list[dict[str, Any]]], image_id: int) -> list[Box]:

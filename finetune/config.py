@@ -139,8 +139,24 @@ class TrainConfig(DataConfig):
     big_vision trained PaliGemma 2; it matters only at 896 px, docs/how-paligemma-works.md section 8)."""
     snapshot_steps: tuple[int, ...] = ()
     """Also save the model after these optimiser steps (for a held-out learning curve)."""
-    workers: int = 0
-    """DataLoader worker processes."""
+    workers: int | None = None
+    """DataLoader worker processes, which decode and resize the images (default: 4 on a GPU, capped by the
+    CPU count; 0 on the CPU, where workers would take cores from the model)."""
+    eval_coco: str | None = None
+    """Held-out COCO detection file, scored (mAP@0.5) while training: every --eval-steps and at the end."""
+    eval_coco_images: str | None = None
+    """Image folder for --eval-coco (default: the folder holding the file)."""
+    eval_vqa: str | None = None
+    """Held-out VQA JSONL, scored (accuracy) while training: every --eval-steps and at the end."""
+    eval_steps: int | None = None
+    """Score the held-out data every N optimiser steps (default: with every checkpoint, --save-steps)."""
+    eval_limit: int | None = None
+    """Score only the first N held-out images and questions (default: all of them)."""
+    keep_best: bool = False
+    """Save the model with the best held-out score to best/ (mAP@0.5 with --eval-coco, else VQA accuracy)."""
+    report_to: tuple[str, ...] = ()
+    """Experiment trackers the Trainer logs to (tensorboard, wandb, mlflow, ...; default: none). TensorBoard
+    writes to OUT/runs/: watch with `tensorboard --logdir OUT/runs`."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -171,6 +187,12 @@ class TrainConfig(DataConfig):
             raise ValueError(f"{flag('snapshot_steps')} must be >= 1")
         if self.max_steps == -1 and self.epochs <= 0:
             raise ValueError(f"give {flag('max_steps')} or a positive {flag('epochs')}")
+        for name in ("workers", "eval_steps", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < (0 if name == "workers" else 1):
+                raise ValueError(f"{flag(name)} must be >= {0 if name == 'workers' else 1}, got {value}")
+        if self.keep_best and not (self.eval_coco or self.eval_vqa):
+            raise ValueError(f"{flag('keep_best')} needs held-out data: give {flag('eval_coco')} or {flag('eval_vqa')}")
 
 
 @dataclass

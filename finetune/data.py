@@ -2,8 +2,11 @@
 
 Every loader checks each record and never drops one silently: a bad record (missing image, box outside
 the image, empty label, broken JSON, missing field) becomes a :class:`DataIssue` naming the file and the
-line (JSONL) or the JSON path (COCO). With ``on_error="skip"`` it is logged and skipped, with ``"fail"`` a
-:class:`DataError` stops loading at the first one.
+line (JSONL) or the JSON path (COCO). Every distinct image is also checked from its header
+(:class:`finetune.images.ImageCheck`: empty, not an allowed format, too many pixels, and for COCO a record
+whose width/height do not have the displayed image's shape, e.g. an EXIF-rotated photo). With
+``on_error="skip"`` it is logged and skipped, with ``"fail"`` a :class:`DataError` stops loading at the first
+one.
 
 Detection targets use the PaliGemma codec (``<locY1><locX1><locY2><locX2> label``, objects joined by
 ``" ; "``). How a detection image becomes prompts (:func:`detection_examples`), ``prompt_style``:
@@ -29,11 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from finetune.images import ImageCheck
 from paligemma import prompts
 from paligemma.tokens import LOC_MAX, LOC_TOKENS, loc_index
 
@@ -45,6 +50,21 @@ BOX_TOLERANCE = 1.0
 
 class DataError(ValueError):
     """A bad record while loading with ``on_error="fail"``; the message names the file and line."""
+
+
+def data_error_message(exc: BaseException) -> str:
+    """The ``FILE: REASON`` text of a :class:`DataError`, also when torch's DataLoader re-raised it from a
+    worker: its message is then the worker's whole traceback, whose last unindented ``module.Type: ``
+    line holds the original message (a clean one-line error for the command line)."""
+    text = str(exc)
+    if "Original Traceback" not in text:
+        return text
+    lines = text.rstrip().splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        match = re.match(r"[A-Za-z_][\w.]*: ", lines[i])
+        if match:
+            return "\n".join([lines[i][match.end() :], *lines[i + 1 :]]).strip()
+    return lines[-1].strip()
 
 
 @dataclass(frozen=True)
@@ -180,7 +200,7 @@ def load_coco(
     """
     path = Path(annotations)
     root = Path(image_dir) if image_dir is not None else path.parent
-    issues = Issues(on_error)
+    issues, check = Issues(on_error), ImageCheck()
     data = json.loads(path.read_text(encoding="utf-8"))
     names: dict[int, str] = {}
     for i, cat in enumerate(data.get("categories", [])):
@@ -199,6 +219,8 @@ def load_coco(
             issues.add(path, where, f"missing image {image_path or img.get('file_name')!r}")
         elif width <= 0 or height <= 0:
             issues.add(path, where, "width and height must be positive")
+        elif problem := check(image_path, (width, height)):
+            issues.add(path, where, problem)
         else:
             images[int(img["id"])] = DetectionImage(int(img["id"]), image_path, width, height)
     for i, ann in enumerate(data.get("annotations", [])):
@@ -236,7 +258,7 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *, on_erro
     """big_vision / maestro JSONL: ``{"image": ..., "prefix": ..., "suffix": ...}`` per line."""
     path = Path(path)
     root = Path(image_dir) if image_dir is not None else path.parent
-    issues = Issues(on_error)
+    issues, check = Issues(on_error), ImageCheck()
     out: list[Example] = []
     for number, rec in _read_jsonl(path, issues):
         where = f"line {number}"
@@ -244,6 +266,8 @@ def load_jsonl(path: str | Path, image_dir: str | Path | None = None, *, on_erro
         prefix, suffix = rec.get("prefix"), rec.get("suffix")
         if image is None or not image.is_file():
             issues.add(path, where, f"missing image {rec.get('image')!r}")
+        elif problem := check(image):
+            issues.add(path, where, problem)
         elif not isinstance(prefix, str) or not prefix.strip():
             issues.add(path, where, "empty or missing prefix")
         elif not isinstance(suffix, str):
@@ -257,7 +281,7 @@ def load_vqa(path: str | Path, image_dir: str | Path | None = None, *, on_error:
     """VQA JSONL: ``{"image", "question", "answer"}`` or ``{"image", "question", "answers": [...]}``."""
     path = Path(path)
     root = Path(image_dir) if image_dir is not None else path.parent
-    issues = Issues(on_error)
+    issues, check = Issues(on_error), ImageCheck()
     out: list[VQARecord] = []
     for number, rec in _read_jsonl(path, issues):
         where = f"line {number}"
@@ -267,6 +291,8 @@ def load_vqa(path: str | Path, image_dir: str | Path | None = None, *, on_error:
         answers = tuple(str(a).strip() for a in raw if isinstance(a, str | int | float) and str(a).strip())
         if image is None or not image.is_file():
             issues.add(path, where, f"missing image {rec.get('image')!r}")
+        elif problem := check(image):
+            issues.add(path, where, problem)
         elif not isinstance(question, str) or not question.strip():
             issues.add(path, where, "empty or missing question")
         elif not answers:

@@ -32,6 +32,7 @@ from typing import Any
 from PIL import Image
 
 from finetune.data import Box, DetectionImage, DetectionSet, VQARecord
+from finetune.images import load_training_image
 from finetune.metrics import coco_map, vqa_accuracy
 from paligemma import prompts
 from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_side
@@ -47,8 +48,8 @@ PICTURE_SIDE = 336
 
 
 def _load(path: Path) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+    """Decoded as for training and serving (EXIF orientation, 16-bit, CMYK): :mod:`finetune.images`."""
+    return load_training_image(path)
 
 
 async def _bounded(engine: Engine, request: GenerationRequest, gate: asyncio.Semaphore) -> Any:

@@ -12,6 +12,10 @@ a tiny model trained from scratch on a 2-core CPU must learn them within minutes
 Paths inside are relative to OUT, which is the default image folder of every loader in ``finetune.data``.
 Image ``i`` depends only on ``(seed, i)``, so a dataset is reproducible and a larger ``n`` extends a smaller
 one; use a different seed for a held-out set.
+
+:func:`generate_photos` writes photo-sized JPEGs (1920x1080, quality 90, a textured background so each file
+is about 670 KB like a real photo) with COCO annotations only: for memory and speed checks of the training
+input path, where 112-px PNGs would hide what a real dataset costs.
 """
 
 from __future__ import annotations
@@ -191,20 +195,71 @@ def generate(
     return root
 
 
-def generate_cached(out: str | Path, n: int, seed: int = 0, **options: Any) -> Path:
-    """:func:`generate`, unless ``out`` already holds a set made with the same arguments (defaults
-    included), recorded in ``out/synth.json``; otherwise the folder is replaced."""
+def _photo_background(rng: random.Random, width: int, height: int) -> Image.Image:
+    """Large colour regions, mid-scale shading and sensor-like noise: JPEG sizes of real photos."""
+    gen = np.random.default_rng(rng.getrandbits(32))
+    coarse = Image.fromarray(gen.uniform(30, 200, (6, 10, 3)).astype(np.uint8))
+    field = np.asarray(coarse.resize((width, height), Image.Resampling.BICUBIC), dtype=np.float32)
+    shade = Image.fromarray(gen.uniform(-25, 25, (max(1, height // 8), max(1, width // 8))).astype(np.float32))
+    shading = np.asarray(shade.resize((width, height), Image.Resampling.BILINEAR))[..., None]
+    noise = gen.normal(0.0, 7.0, (height, width, 1)).astype(np.float32)
+    return Image.fromarray(np.clip(field + shading + noise, 0, 255).astype(np.uint8))
+
+
+def generate_photos(
+    out: str | Path,
+    n: int,
+    seed: int = 0,
+    width: int = 1920,
+    height: int = 1080,
+    quality: int = 90,
+    shapes: tuple[str, ...] = DEFAULT_SHAPES,
+    max_shapes: int = 4,
+) -> Path:
+    """Write ``n`` photo-sized JPEGs (``OUT/images/000000.jpg`` ...) and ``OUT/annotations.json`` (COCO)."""
+    root = Path(out)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    category = {name: i + 1 for i, name in enumerate(shapes)}
+    coco: dict[str, Any] = {
+        "images": [],
+        "annotations": [],
+        "categories": [{"id": i, "name": name} for name, i in category.items()],
+    }
+    for index in range(n):
+        rng = random.Random(f"photo:{seed}:{index}")
+        image = _photo_background(rng, width, height)
+        draw = ImageDraw.Draw(image)
+        file_name = f"images/{index:06d}.jpg"
+        for box in _place(rng, width, height, rng.randint(1, max_shapes)):
+            shape = Shape(rng.choice(shapes), rng.choice(list(COLORS)), box)
+            _draw(draw, shape)
+            x1, y1, x2, y2 = box
+            ann = {"id": len(coco["annotations"]) + 1, "image_id": index, "category_id": category[shape.kind]}
+            coco["annotations"].append({**ann, "bbox": [x1, y1, x2 - x1, y2 - y1], "iscrowd": 0})
+        image.save(root / file_name, quality=quality)
+        coco["images"].append({"id": index, "file_name": file_name, "width": width, "height": height})
+    (root / "annotations.json").write_text(json.dumps(coco) + "\n")
+    return root
+
+
+def generate_cached(out: str | Path, n: int, seed: int = 0, *, photos: bool = False, **options: Any) -> Path:
+    """:func:`generate` (:func:`generate_photos` with ``photos``), unless ``out`` already holds a set made
+    with the same arguments (defaults included), recorded in ``out/synth.json``; otherwise the folder is
+    replaced."""
     import inspect
     import shutil
 
-    bound = inspect.signature(generate).bind(out, n, seed, **options)
+    make = generate_photos if photos else generate
+    bound = inspect.signature(make).bind(out, n, seed, **options)
     bound.apply_defaults()
     wanted = {k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k != "out"}
+    if photos:  # shapes sets keep their old stamps (no needless regeneration)
+        wanted["generator"] = "photos"
     root = Path(out)
     stamp = root / "synth.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted:
         return root
     shutil.rmtree(root, ignore_errors=True)
-    generate(out, n, seed, **options)
+    make(out, n, seed, **options)
     stamp.write_text(json.dumps(wanted) + "\n")
     return root

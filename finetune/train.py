@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import json
 import logging
-import time
+import os
+import resource
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 from transformers import (
     PaliGemmaConfig,
     PaliGemmaForConditionalGeneration,
@@ -33,18 +33,18 @@ from transformers import (
     ProgressCallback,
     Trainer,
     TrainerCallback,
-    TrainerControl,
-    TrainerState,
     TrainingArguments,
+    set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
+from finetune.callbacks import Budget, BudgetProgress, Curve, Snapshots, save_trained
+from finetune.checkpoints import SealCheckpoints, checkpoints, resume_point
 from finetune.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
 from finetune.config import FlagError, TrainConfig, flag, to_json
 from finetune.data import Example, detection_examples, load_coco, load_jsonl, load_vqa, vqa_examples
+from finetune.heldout import BEST, HeldOut, HeldOutTrainer, load_heldout
 from paligemma.attention import describe as describe_attention
 from paligemma.attention import global_text_attention
-from paligemma.checkpoint import save_checkpoint
 from service.engines.precision import auto_dtype
 
 log = logging.getLogger(__name__)
@@ -160,95 +160,7 @@ def _checkpointing(cfg: TrainConfig, model: Any = None) -> bool:
         return cfg.gradient_checkpointing
     if torch.cuda.is_available() or model is None:
         return torch.cuda.is_available()
-    return sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMS
-
-
-class Budget(TrainerCallback):
-    """The wall-clock safety stop: ends training once ``minutes`` of training time have passed (the run
-    then saves as usual). Also the clock that the learning curve and snapshots report."""
-
-    def __init__(self, minutes: float | None) -> None:
-        self.minutes = minutes
-        self.start = time.monotonic()
-
-    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        self.start = time.monotonic()
-
-    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if self.minutes is not None and self.elapsed() >= self.minutes * 60:
-            log.warning(
-                "%s of %.1f min reached at step %d of %d: stopping early",
-                flag("max_minutes"),
-                self.minutes,
-                state.global_step,
-                state.max_steps,
-            )
-            control.should_training_stop = True
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.start
-
-
-class BudgetProgress(ProgressCallback):
-    """The progress bar of a run with a time budget: it fills with whichever ends the run first, the steps
-    or the minutes (with only the steps, a minute-bound run shows an ETA of days)."""
-
-    def __init__(self, budget: Budget) -> None:
-        super().__init__()
-        self.budget = budget
-
-    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if state.is_world_process_zero:
-            form = "{l_bar}{bar}| {n:.0f}/{total} % [{elapsed}<{remaining}{postfix}]"
-            self.training_bar = tqdm(total=100, bar_format=form, dynamic_ncols=True)
-        self.current_step = 0
-
-    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if state.is_world_process_zero and self.training_bar is not None and self.budget.minutes:
-            done = max(state.global_step / state.max_steps, self.budget.elapsed() / (self.budget.minutes * 60))
-            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
-            self.training_bar.update(min(100.0, 100 * done) - self.training_bar.n)
-
-
-class Curve(TrainerCallback):
-    """Writes every logged loss with its step and training seconds to ``learning_curve.json``."""
-
-    def __init__(self, path: Path, budget: Budget) -> None:
-        self.path, self.budget, self.points = path, budget, []  # type: ignore[var-annotated]
-
-    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if state.is_world_process_zero:  # a run shorter than --logging-steps still has its (empty) curve
-            self.path.write_text(json.dumps(self.points) + "\n")
-
-    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any) -> None:
-        if logs and "loss" in logs and state.is_world_process_zero:
-            point = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
-            point.update({k: logs[k] for k in ("loss", "grad_norm", "learning_rate", "epoch") if k in logs})
-            self.points.append(point)
-            self.path.write_text(json.dumps(self.points, indent=1) + "\n")
-
-
-class Snapshots(TrainerCallback):
-    """Saves the model (full) or adapter after given optimiser steps, for a held-out learning curve."""
-
-    def __init__(self, out: Path, steps: tuple[int, ...], budget: Budget, processor: Any) -> None:
-        self.out, self.marks, self.budget, self.processor = out, set(steps), budget, processor
-
-    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
-        if state.global_step in self.marks and state.is_world_process_zero:
-            path = self.out / f"step-{state.global_step}"
-            save_trained(kw["model"], self.processor, path)
-            info = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
-            (path / "snapshot.json").write_text(json.dumps(info) + "\n")
-
-
-def save_trained(model: Any, processor: Any, out: Path) -> Path:
-    """Adapter (peft model) or the full model in the hub layout, plus the processor."""
-    if hasattr(model, "peft_config"):
-        model.save_pretrained(out)
-        processor.save_pretrained(out)
-        return out
-    return save_checkpoint(model, processor, out)
+    return bool(sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMS)
 
 
 def train_record(cfg: TrainConfig) -> dict[str, Any]:
@@ -256,21 +168,21 @@ def train_record(cfg: TrainConfig) -> dict[str, Any]:
     return {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Run training; returns the adapter/ (lora, qlora) or model/ (full) directory."""
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    record = train_record(cfg)
-    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
-    examples = build_examples(cfg)
-    max_length = _max_length(cfg, examples)  # before the model loads: a bad --max-length fails in seconds
-    model, processor = load_model(cfg)
+def _workers(cfg: TrainConfig) -> int:
+    if cfg.workers is not None:
+        return cfg.workers
+    return min(4, max(1, (os.cpu_count() or 2) - 1)) if torch.cuda.is_available() else 0
+
+
+def training_arguments(cfg: TrainConfig, model: Any, heldout: HeldOut | None) -> TrainingArguments:
+    """The Trainer's arguments for ``cfg``: checkpoints every ``--save-steps`` (rotated by
+    :mod:`finetune.checkpoints`, not by the Trainer), held-out scoring every ``--eval-steps``."""
     precision = _precision(cfg)
-    args = TrainingArguments(
-        output_dir=str(out),
+    workers = _workers(cfg)
+    return TrainingArguments(
+        output_dir=cfg.out,
         per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr,
         weight_decay=cfg.weight_decay,
@@ -281,48 +193,100 @@ def train(cfg: TrainConfig) -> Path:
         num_train_epochs=cfg.epochs,
         logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
+        save_total_limit=None,
+        eval_strategy="steps" if heldout is not None else "no",
+        eval_steps=cfg.eval_steps or cfg.save_steps,
         seed=cfg.seed,
         bf16=precision == "bf16",
         gradient_checkpointing=_checkpointing(cfg, model),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         label_names=["labels"],
-        dataloader_num_workers=cfg.workers,
+        dataloader_num_workers=workers,
+        dataloader_persistent_workers=workers > 0,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=list(cfg.report_to) or "none",
     )
-    budget = Budget(cfg.max_minutes)
-    callbacks: list[TrainerCallback] = [budget, Curve(out / "learning_curve.json", budget)]
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run training; returns the adapter/ (lora, qlora) or model/ (full) directory.
+
+    The same config trains the same weights in any process (everything is seeded before the model is built,
+    LoRA's random init included), and a run killed at any moment then restarted with ``--resume`` ends
+    with the same weights as one never interrupted (:mod:`finetune.checkpoints`)."""
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    set_seed(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    record = train_record(cfg)
+    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    examples = build_examples(cfg)
+    heldout = load_heldout(cfg)
+    max_length = _max_length(cfg, examples)  # before the model loads: a bad --max-length fails in seconds
+    resume = _resume_point(cfg, out)
+    model, processor = load_model(cfg)
+    args = training_arguments(cfg, model, heldout)
+    budget = Budget(cfg.max_minutes, already=resume[1]["seconds"] if resume else 0.0)
+    callbacks: list[TrainerCallback] = [
+        budget,
+        Curve(out / "learning_curve.json", budget, resumed_at=resume[1]["step"] if resume else None),
+        SealCheckpoints(out, cfg.save_total_limit, budget),
+    ]
     if cfg.snapshot_steps:
         callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_steps, budget, processor))
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=ExampleDataset(examples),
-        data_collator=PaliGemmaCollator(processor, max_length),
-        callbacks=callbacks,
-    )
+    common: dict[str, Any] = {
+        "model": model,
+        "args": args,
+        "train_dataset": ExampleDataset(examples, processor, on_error=cfg.on_error),
+        "data_collator": PaliGemmaCollator(processor, max_length),
+        "callbacks": callbacks,
+    }
+    if heldout is not None:
+        best = out / BEST if cfg.keep_best else None
+        trainer: Trainer = HeldOutTrainer(**common, heldout=heldout, processor=processor, best_dir=best)
+    else:
+        trainer = Trainer(**common)
     if cfg.max_minutes and trainer.pop_callback(ProgressCallback) is not None:
         trainer.add_callback(BudgetProgress(budget))
-    resume = get_last_checkpoint(str(out)) if cfg.resume else None  # type: ignore[no-untyped-call]
-    if cfg.resume and resume is None:
-        log.warning("%s: no checkpoint-N in %s, starting from scratch", flag("resume"), out)
     log.info(
-        "training %s on %d examples (%s, %s, gradient checkpointing %s)",
+        "training %s on %d examples (%s, %s, gradient checkpointing %s, %d data workers)",
         cfg.method,
         len(examples),
-        precision,
+        "bf16" if args.bf16 else "fp32",
         trainer.args.device,
         "on" if args.gradient_checkpointing else "off",
+        args.dataloader_num_workers,
     )
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    if isinstance(trainer, HeldOutTrainer) and trainer.scored_step != trainer.state.global_step:
+        trainer.evaluate()  # stopped early (--max-minutes): the final weights are scored too
     final = out / ("model" if cfg.method == "full" else "adapter")
     if trainer.is_world_process_zero():
         save_trained(trainer.model, processor, final)
         (final / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
-        result = {"steps": trainer.state.global_step, "seconds": round(budget.elapsed(), 1)}
+        result = {
+            "steps": trainer.state.global_step,
+            "seconds": round(budget.elapsed(), 1),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        }
         (out / "train_result.json").write_text(json.dumps(result) + "\n")
         log.info("saved %s after %d steps, %.0f s", final, trainer.state.global_step, budget.elapsed())
     return final
+
+
+def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict[str, Any]] | None:
+    if not cfg.resume:
+        if checkpoints(out):
+            log.warning(
+                "%s holds checkpoints of an earlier run: starting from scratch (%s continues it)", out, flag("resume")
+            )
+        return None
+    found = resume_point(out)
+    if found is None:
+        log.warning("%s: no complete checkpoint-N in %s, starting from scratch", flag("resume"), out)
+    else:
+        log.info("resuming from %s (step %d)", found[0], found[1]["step"])
+    return found

@@ -20,6 +20,7 @@ import contextlib
 import io
 import warnings
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -78,12 +79,14 @@ def _check_geometry(width: int, height: int, limits: ImageLimits) -> None:
         )
 
 
-def _open(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Identify, check the header-declared size, then decode frame 0."""
+def open_header(source: BinaryIO, limits: ImageLimits) -> Image.Image:
+    """Identify the format and check the header-declared size; no pixel is decoded yet (Pillow reads a few
+    KB), so a dataset's files can be vetted before training without holding any of them."""
     try:
-        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        image = Image.open(source, formats=ALLOWED_FORMATS)
     except UnidentifiedImageError:
-        if _is_other_image_format(data):
+        source.seek(0)
+        if _is_other_image_format(source.read(16)):
             raise UnsupportedMediaType(
                 "image format not supported; send JPEG, PNG, WEBP, GIF or BMP", code="unsupported_image_format"
             ) from None
@@ -93,6 +96,12 @@ def _open(data: bytes, limits: ImageLimits) -> Image.Image:
     except Exception:  # hostile headers make decoders raise nearly anything (OSError, SyntaxError, struct.error)
         raise BadRequest("the image could not be decoded", code="bad_image") from None
     _check_geometry(*image.size, limits)
+    return image
+
+
+def _open(data: bytes, limits: ImageLimits) -> Image.Image:
+    """Identify, check the header-declared size, then decode frame 0."""
+    image = open_header(io.BytesIO(data), limits)
     try:
         image.load()  # frame 0 of animations; truncated data raises here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

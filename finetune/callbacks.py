@@ -1,0 +1,125 @@
+"""The training run's own Trainer callbacks: the clock (and its safety stop), the learning curve, snapshots.
+
+Each survives ``--resume``: the clock goes on from the seconds recorded with the checkpoint, and the curve
+keeps its points up to the step resumed from (those after it are trained again), so a resumed run's
+``learning_curve.json`` reads like an uninterrupted one's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState
+
+from finetune.config import flag
+from paligemma.checkpoint import save_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+class Budget(TrainerCallback):
+    """The wall-clock safety stop: ends training once ``minutes`` of training time have passed (the run
+    then saves as usual). Also the clock that the learning curve, snapshots and checkpoints report;
+    ``already``: the seconds trained before a resume."""
+
+    def __init__(self, minutes: float | None, already: float = 0.0) -> None:
+        self.minutes, self.already = minutes, already
+        self.start = time.monotonic()
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.start = time.monotonic()
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if self.minutes is not None and self.elapsed() >= self.minutes * 60:
+            log.warning(
+                "%s of %.1f min reached at step %d of %d: stopping early",
+                flag("max_minutes"),
+                self.minutes,
+                state.global_step,
+                state.max_steps,
+            )
+            control.should_training_stop = True
+
+    def elapsed(self) -> float:
+        return self.already + time.monotonic() - self.start
+
+
+class BudgetProgress(ProgressCallback):
+    """The progress bar of a run with a time budget: it fills with whichever ends the run first, the steps
+    or the minutes (with only the steps, a minute-bound run shows an ETA of days)."""
+
+    def __init__(self, budget: Budget) -> None:
+        super().__init__()
+        self.budget = budget
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero:
+            form = "{l_bar}{bar}| {n:.0f}/{total} % [{elapsed}<{remaining}{postfix}]"
+            self.training_bar = tqdm(total=100, bar_format=form, dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero and self.training_bar is not None and self.budget.minutes:
+            done = max(state.global_step / state.max_steps, self.budget.elapsed() / (self.budget.minutes * 60))
+            self.training_bar.set_postfix_str(f"step {state.global_step}", refresh=False)
+            self.training_bar.update(min(100.0, 100 * done) - self.training_bar.n)
+
+
+CURVE_KEYS = ("loss", "grad_norm", "learning_rate", "epoch")
+
+
+class Curve(TrainerCallback):
+    """Writes every logged loss, and every held-out score (``eval_*``), with its step and training seconds
+    to ``learning_curve.json``. ``resumed_at``: keep the points of an earlier run up to that step."""
+
+    def __init__(self, path: Path, budget: Budget, resumed_at: int | None = None) -> None:
+        self.path, self.budget = path, budget
+        self.points: list[dict[str, Any]] = []
+        if resumed_at is not None and path.is_file():
+            self.points = [p for p in json.loads(path.read_text()) if p["step"] <= resumed_at]
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero:  # a run shorter than --logging-steps still has its (empty) curve
+            self._write()
+
+    def on_log(self, args: Any, state: TrainerState, control: TrainerControl, logs: Any = None, **kw: Any) -> None:
+        if not logs or not state.is_world_process_zero:
+            return
+        point: dict[str, Any] = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
+        if "loss" in logs:
+            point.update({k: logs[k] for k in CURVE_KEYS if k in logs})
+        point.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        if len(point) > 2:
+            self.points.append(point)
+            self._write()
+
+    def _write(self) -> None:
+        self.path.write_text(json.dumps(self.points, indent=1) + "\n")
+
+
+class Snapshots(TrainerCallback):
+    """Saves the model (full) or adapter after given optimiser steps, for a held-out learning curve."""
+
+    def __init__(self, out: Path, steps: tuple[int, ...], budget: Budget, processor: Any) -> None:
+        self.out, self.marks, self.budget, self.processor = out, set(steps), budget, processor
+
+    def on_step_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.global_step in self.marks and state.is_world_process_zero:
+            path = self.out / f"step-{state.global_step}"
+            save_trained(kw["model"], self.processor, path)
+            info = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
+            (path / "snapshot.json").write_text(json.dumps(info) + "\n")
+
+
+def save_trained(model: Any, processor: Any, out: Path) -> Path:
+    """Adapter (peft model) or the full model in the hub layout, plus the processor."""
+    if hasattr(model, "peft_config"):
+        model.save_pretrained(out)
+        processor.save_pretrained(out)
+        return out
+    return save_checkpoint(model, processor, out)
