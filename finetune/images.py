@@ -10,7 +10,7 @@ stored orientation) should be a reported record when the data loads, not a crash
 Opening the header reads a few KB and decodes no pixel: seconds for 10,000 files. A file whose pixel data
 is bad (a truncated JPEG) still passes; :class:`finetune.collate.ExampleDataset` handles that one.
 
-Decoding is the service's :func:`service.api.images.decode_image` (format allow-list, pixel limit, truncated
+Decoding is the service's :func:`service.images.decode_image` (format allow-list, pixel limit, truncated
 files fail, EXIF orientation, 16-bit grayscale scaled, CMYK and alpha to RGB): one decoder for training and
 serving, so a model is trained on the pixels it will be served.
 """
@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 from PIL import ExifTags, Image
 
-from service.api.images import ImageLimits, decode_image, open_header
+from service.images import ImageLimits, decode_image, open_header
 from service.errors import ServiceError
 from service.settings import PILLOW_MAX_IMAGE_PIXELS
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from paligemma import PromptError, SpecialIds
-from service.api.images import ImageLimits
+from service.images import ImageLimits
 from service.api.openai_routes import router as openai_router
 from service.api.openapi import install_openapi
 from service.api.routes import router

@@ -16,7 +16,7 @@ from fastapi import Depends, Request
 from paligemma import SpecialIds
 from paligemma.grammar import GrammarSpec
 from paligemma.segmentation import MaskDecoder
-from service.api.images import ImageLimits
+from service.images import ImageLimits
 from service.engines.protocol import Engine
 from service.errors import Unavailable
 from service.guards.admission import Admission

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.api.images import ImageLimits, decode_image, to_rgb
+from service.images import ImageLimits, decode_image, to_rgb
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 from tests.service.conftest import image_bytes
 
