@@ -75,7 +75,8 @@ CURVE_KEYS = ("loss", "grad_norm", "learning_rate", "epoch")
 
 class Curve(TrainerCallback):
     """Writes every logged loss, and every held-out score (``eval_*``), with its step and training seconds
-    to ``learning_curve.json``. ``resumed_at``: keep the points of an earlier run up to that step."""
+    to ``learning_curve.json``, and draws them in ``learning_curve.png``. ``resumed_at``: keep the points of
+    an earlier run up to that step."""
 
     def __init__(self, path: Path, budget: Budget, resumed_at: int | None = None) -> None:
         self.path, self.budget = path, budget
@@ -93,10 +94,30 @@ class Curve(TrainerCallback):
         point: dict[str, Any] = {"step": state.global_step, "seconds": round(self.budget.elapsed(), 2)}
         if "loss" in logs:
             point.update({k: logs[k] for k in CURVE_KEYS if k in logs})
-        point.update({k: v for k, v in logs.items() if k.startswith("eval_")})
+        scores = {k: v for k, v in logs.items() if k.startswith("eval_")}
+        point.update(scores)
         if len(point) > 2:
             self.points.append(point)
             self._write()
+        if scores:
+            self.draw()
+
+    def on_train_end(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        if state.is_world_process_zero:
+            self.draw()
+
+    def draw(self) -> Path:
+        """``learning_curve.png`` beside the JSON: the loss, and the held-out scores on a 0-1 axis."""
+        from finetune.plot import learning_curve_png
+
+        names = {"eval_map_50": "held-out mAP@0.5", "eval_vqa_accuracy": "held-out VQA accuracy"}
+        scores = {
+            label: [(p["step"], p[key]) for p in self.points if key in p]
+            for key, label in names.items()
+            if any(key in p for p in self.points)
+        }
+        loss = [(p["step"], p["loss"]) for p in self.points if "loss" in p]
+        return learning_curve_png(loss, scores, self.path.with_suffix(".png"), title=f"{self.path.parent.name}")
 
     def _write(self) -> None:
         self.path.write_text(json.dumps(self.points, indent=1) + "\n")
