@@ -23,8 +23,8 @@ from typing import Any, NamedTuple
 
 from PIL import ExifTags, Image
 
-from service.images import ImageLimits, decode_image, open_header
 from service.errors import ServiceError
+from service.images import ImageLimits, decode_image, open_header
 from service.settings import PILLOW_MAX_IMAGE_PIXELS
 
 TRAINING_LIMITS = ImageLimits(max_bytes=200 * 2**20, max_pixels=PILLOW_MAX_IMAGE_PIXELS, max_aspect_ratio=20.0)

@@ -24,7 +24,6 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from paligemma import PromptError, SpecialIds
-from service.images import ImageLimits
 from service.api.openai_routes import router as openai_router
 from service.api.openapi import install_openapi
 from service.api.routes import router
@@ -37,6 +36,7 @@ from service.errors import ServiceError, error_body
 from service.guards.admission import Admission, AdmissionMetrics, AdmissionMiddleware
 from service.guards.auth import AuthMiddleware, KeyRing
 from service.guards.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
+from service.images import ImageLimits
 from service.metrics import Metrics
 from service.settings import Settings
 

@@ -16,10 +16,10 @@ from fastapi import Depends, Request
 from paligemma import SpecialIds
 from paligemma.grammar import GrammarSpec
 from paligemma.segmentation import MaskDecoder
-from service.images import ImageLimits
 from service.engines.protocol import Engine
 from service.errors import Unavailable
 from service.guards.admission import Admission
+from service.images import ImageLimits
 from service.metrics import Metrics
 from service.settings import Settings
 

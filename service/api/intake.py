@@ -22,9 +22,9 @@ from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from service.images import ImageLimits, decode_image
 from service.deps import ServiceState
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType, ValidationFailed
+from service.images import ImageLimits, decode_image
 
 P = TypeVar("P", bound=BaseModel)
 

@@ -55,7 +55,10 @@ def test_a_max_length_without_room_for_the_image_is_refused_before_training(
     and the length that would (a real 224-px checkpoint has 256; the old default of 256 crashed in the tokenizer)."""
     args = ["train", "--base", str(tiny_checkpoint), "--out", str(tmp_path / "run"), "--coco"]
     args += [str(shapes / "annotations.json"), "--max-steps", "1", "--max-length", "60"]
-    with pytest.raises(SystemExit, match=r"--max-length 60 leaves no room for an answer: the longest prompt is \d+ "
-                       r"tokens \(64 image tokens"):
+    with pytest.raises(
+        SystemExit,
+        match=r"--max-length 60 leaves no room for an answer: the longest prompt is \d+ "
+        r"tokens \(64 image tokens",
+    ):
         main(args)
     assert not (tmp_path / "run" / "checkpoint-1").exists()

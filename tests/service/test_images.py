@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.images import ImageLimits, decode_image, to_rgb
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+from service.images import ImageLimits, decode_image, to_rgb
 from tests.service.conftest import image_bytes
 
 LIMITS = ImageLimits(max_bytes=2_000_000, max_pixels=1_000_000, max_aspect_ratio=20)
