@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -100,7 +101,9 @@ def _train(args: argparse.Namespace) -> None:
     from finetune.train import train
 
     try:
-        log.info("trained: %s", train(from_args(TrainConfig, args)))
+        trained = train(from_args(TrainConfig, args))
+        if os.environ.get("RANK", "0") == "0":  # one summary, from the process that wrote the files
+            log.info("trained: %s", trained)
     except FlagError as exc:
         raise SystemExit(f"error: {exc}") from None
     except DataError as exc:  # also from a DataLoader worker: one clean line, never the worker's traceback
@@ -246,7 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun / accelerate launch
+    rank = f" rank {os.environ.get('RANK', '0')}/{world}" if world > 1 else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s{rank} %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     args.func(args)
 

@@ -123,6 +123,27 @@ class Curve(TrainerCallback):
         self.path.write_text(json.dumps(self.points, indent=1) + "\n")
 
 
+def parameter_bytes(model: Any) -> int:
+    """Bytes of the parameters this process holds: its own shards under FSDP (DTensor ``to_local``)."""
+    held = 0
+    for param in model.parameters():
+        local = param.to_local() if hasattr(param, "to_local") else param
+        held += local.numel() * local.element_size()
+    return held
+
+
+class ParameterBytes(TrainerCallback):
+    """Logs, on every rank, how many bytes of parameters that rank holds once the Trainer has wrapped the
+    model (DDP: all of them; FSDP: about 1/world size), and keeps rank 0's for ``train_result.json``."""
+
+    def __init__(self) -> None:
+        self.held = 0
+
+    def on_train_begin(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        self.held = parameter_bytes(kw["model"])
+        log.info("this process holds %.1f MiB of parameters", self.held / 2**20)
+
+
 class Snapshots(TrainerCallback):
     """Saves the model (full) or adapter after given optimiser steps, for a held-out learning curve."""
 

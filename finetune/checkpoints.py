@@ -106,6 +106,10 @@ class SealCheckpoints(TrainerCallback):
         self.out, self.keep, self.budget = out, keep, budget
 
     def on_save(self, args: Any, state: TrainerState, control: TrainerControl, **kw: Any) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # every rank has written its part (its RNG state) before the seal lists the files
         if state.is_world_process_zero:
             seal(self.out / f"checkpoint-{state.global_step}", state.global_step, self.budget.elapsed())
             rotate(self.out, self.keep)

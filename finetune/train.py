@@ -37,7 +37,7 @@ from transformers import (
     set_seed,
 )
 
-from finetune.callbacks import Budget, BudgetProgress, Curve, Snapshots, save_trained
+from finetune.callbacks import Budget, BudgetProgress, Curve, ParameterBytes, Snapshots, save_trained
 from finetune.checkpoints import SealCheckpoints, checkpoints, resume_point
 from finetune.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
 from finetune.config import FlagError, TrainConfig, flag, to_json
@@ -222,7 +222,8 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record = train_record(cfg)
-    (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
+    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, only the first process writes files
+        (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     examples = build_examples(cfg)
     heldout = load_heldout(cfg)
     max_length = _max_length(cfg, examples)  # before the model loads: a bad --max-length fails in seconds
@@ -234,6 +235,7 @@ def train(cfg: TrainConfig) -> Path:
         budget,
         Curve(out / "learning_curve.json", budget, resumed_at=resume[1]["step"] if resume else None),
         SealCheckpoints(out, cfg.save_total_limit, budget),
+        held := ParameterBytes(),
     ]
     if cfg.snapshot_steps:
         callbacks.append(Snapshots(out / "snapshots", cfg.snapshot_steps, budget, processor))
@@ -271,6 +273,7 @@ def train(cfg: TrainConfig) -> Path:
             "steps": trainer.state.global_step,
             "seconds": round(budget.elapsed(), 1),
             "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "parameter_bytes": held.held,
         }
         (out / "train_result.json").write_text(json.dumps(result) + "\n")
         log.info("saved %s after %d steps, %.0f s", final, trainer.state.global_step, budget.elapsed())
