@@ -158,10 +158,24 @@ class Snapshots(TrainerCallback):
             (path / "snapshot.json").write_text(json.dumps(info) + "\n")
 
 
-def save_trained(model: Any, processor: Any, out: Path) -> Path:
-    """Adapter (peft model) or the full model in the hub layout, plus the processor."""
+def save_trained(model: Any, processor: Any, out: Path, state_dict: dict[str, Any] | None = None) -> Path:
+    """Adapter (peft model) or the full model in the hub layout, plus the processor. ``state_dict``: the
+    weights of a sharded model, gathered (:func:`gather_if_sharded`)."""
     if hasattr(model, "peft_config"):
-        model.save_pretrained(out)
+        model.save_pretrained(out, state_dict=state_dict)
         processor.save_pretrained(out)
         return out
-    return save_checkpoint(model, processor, out)
+    return save_checkpoint(model, processor, out, state_dict=state_dict)
+
+
+def gather_if_sharded(model: Any) -> dict[str, Any] | None:
+    """The whole state dict of an FSDP2-sharded model on the first rank's CPU (every rank must call it: the
+    gather is collective; the others get an empty dict), or None for a model each rank holds whole."""
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state: dict[str, Any] = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    return state

@@ -37,7 +37,15 @@ from transformers import (
     set_seed,
 )
 
-from finetune.callbacks import Budget, BudgetProgress, Curve, ParameterBytes, Snapshots, save_trained
+from finetune.callbacks import (
+    Budget,
+    BudgetProgress,
+    Curve,
+    ParameterBytes,
+    Snapshots,
+    gather_if_sharded,
+    save_trained,
+)
 from finetune.checkpoints import SealCheckpoints, checkpoints, resume_point
 from finetune.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
 from finetune.config import FlagError, TrainConfig, flag, to_json
@@ -216,6 +224,7 @@ def train(cfg: TrainConfig) -> Path:
     The same config trains the same weights in any process (everything is seeded before the model is built,
     LoRA's random init included), and a run killed at any moment then restarted with ``--resume`` ends
     with the same weights as one never interrupted (:mod:`finetune.checkpoints`)."""
+    _check_launch(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     set_seed(cfg.seed)
@@ -266,8 +275,9 @@ def train(cfg: TrainConfig) -> Path:
     if isinstance(trainer, HeldOutTrainer) and trainer.scored_step != trainer.state.global_step:
         trainer.evaluate()  # stopped early (--max-minutes): the final weights are scored too
     final = out / ("model" if cfg.method == "full" else "adapter")
+    gathered = gather_if_sharded(trainer.model)  # FSDP: every rank takes part in the gather
     if trainer.is_world_process_zero():
-        save_trained(trainer.model, processor, final)
+        save_trained(trainer.model, processor, final, gathered)
         (final / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
         result = {
             "steps": trainer.state.global_step,
@@ -278,6 +288,24 @@ def train(cfg: TrainConfig) -> Path:
         (out / "train_result.json").write_text(json.dumps(result) + "\n")
         log.info("saved %s after %d steps, %.0f s", final, trainer.state.global_step, budget.elapsed())
     return final
+
+
+def _check_launch(cfg: TrainConfig) -> None:
+    """``accelerate launch`` with an FSDP config on a machine without GPUs trains plain data parallel (every
+    process holding the whole model: accelerate runs FSDP only on GPU backends), so it is refused."""
+    fsdp = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    if fsdp and (cfg.eval_coco or cfg.eval_vqa or cfg.snapshot_steps):
+        raise FlagError(
+            f"under FSDP, {flag('eval_coco')}/{flag('eval_vqa')} and {flag('snapshot_steps')} are not supported yet "
+            "(they run on the first rank alone, and a sharded model needs every rank): score the saved model with "
+            "`python -m finetune eval` instead"
+        )
+    if fsdp and not torch.cuda.is_available():
+        raise FlagError(
+            "FSDP needs GPUs: accelerate runs FSDP only on GPU backends, and on the CPU this launch would train "
+            "plain data parallel with every process holding the whole model. Here, launch with torchrun (data "
+            "parallel); run the FSDP config on GPUs"
+        )
 
 
 def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict[str, Any]] | None:

@@ -227,11 +227,13 @@ def hub_name(key: str) -> str:
     return next((new + key[len(old) :] for old, new in HUB_RENAMES if key.startswith(old)), key)
 
 
-def hub_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(hub name, tensor)`` for the model's weights, tied ``lm_head`` left out; the tensors are the
-    model's own (detached, not copied), so walking them costs no memory."""
+def hub_tensors(
+    model: torch.nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """``(hub name, tensor)`` for the model's weights (or ``state_dict``: a sharded model's, gathered), tied
+    ``lm_head`` left out; the tensors are the model's own (detached, not copied): walking them costs nothing."""
     tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
-    for key, tensor in model.state_dict().items():
+    for key, tensor in (model.state_dict() if state_dict is None else state_dict).items():
         if tied and key.startswith("lm_head."):
             continue
         yield hub_name(key), tensor.detach()
@@ -252,8 +254,10 @@ def save_checkpoint(
     out_dir: str | Path,
     dtype: torch.dtype | None = None,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write config, hub-layout safetensors, tokenizer and processor to ``out_dir``.
+    """Write config, hub-layout safetensors, tokenizer and processor to ``out_dir`` (the weights of
+    ``state_dict`` when given: an FSDP-sharded model's, gathered whole).
 
     The weights stream through :class:`paligemma.shards.ShardedWriter`, each cast to ``dtype`` on its own:
     peak memory is the model plus one shard (``max_shard_bytes``), and a checkpoint larger than that is
@@ -261,13 +265,13 @@ def save_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with ShardedWriter(out, max_shard_bytes) as writer:
-        for name, tensor in hub_tensors(model):
+        for name, tensor in hub_tensors(model, state_dict):
             cast_tensor = tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
             writer.add(name, cast_tensor)
             del cast_tensor
     if dtype is not None:
         set_config_dtype(model.config, dtype)
-    model.config.architectures = [type(model).__name__]
+    model.config.architectures = ["PaliGemmaForConditionalGeneration"]  # also for FSDP's wrapper subclass
     model.config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     processor.save_pretrained(out)
