@@ -1,5 +1,6 @@
 """Shard a PaliGemma with FSDP2 on the CPU (gloo) by the wrap policy of ``deploy/accelerate/fsdp2.yaml``, as
-accelerate would on GPUs, and report what this rank holds and the loss of one batch (JSON on stdout).
+accelerate would on GPUs; report what this rank holds and the loss of one batch (JSON on stdout), then
+train ``STEPS`` SGD steps (Adam would turn float noise in near-zero gradients into whole steps).
 
     torchrun --standalone --nproc_per_node 2 tests/finetune/fsdp_probe.py MODEL DATA_DIR OUT
 
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+STEPS = 3
+"""SGD steps (lr 0.1) on one batch before the save."""
 
 
 def wrap_classes(model: Any) -> set[type]:
@@ -54,14 +57,19 @@ def main(model_dir: str, data_dir: str, out: str) -> None:
     processor = PaliGemmaProcessor.from_pretrained(model_dir)
     examples = ExampleDataset(detection_examples(load_coco(Path(data_dir) / "annotations.json"), 0, seed=0))
     batch = PaliGemmaCollator(processor)([examples[i] for i in range(4)])
-    loss = model(**batch).loss
-    loss.backward()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)  # before any forward: the root's params are
+    with torch.no_grad():  # registered unsharded after one, and an optimizer built then would hold copies
+        first = float(model(**batch).loss)
+    for _ in range(STEPS):  # every rank trains on the same batch: the averaged gradient is one process's
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
     report = {
         "rank": dist.get_rank(),
         "whole": whole,
         "held": parameter_bytes(model),
         "wrapped": sorted(c.__name__ for c in classes),
-        "loss": float(loss.detach()),
+        "loss": first,
     }
     sys.stdout.write(json.dumps(report) + "\n")
     gathered = gather_if_sharded(model)

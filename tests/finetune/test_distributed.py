@@ -77,18 +77,22 @@ def test_fsdp_on_the_cpu_is_refused_with_the_reason(tiny_checkpoint: Path, shape
     assert not (tmp_path / "fsdp" / "model").exists()
 
 
+@pytest.mark.vllm
 def test_the_shipped_fsdp_policy_halves_what_each_rank_holds(
     tiny_checkpoint: Path, shapes: Path, tmp_path: Path
 ) -> None:
     """``deploy/accelerate/fsdp2.yaml``'s wrap policy applied with FSDP2 in 2 gloo processes (as accelerate
     applies it on GPUs): each rank holds half the parameter bytes, one batch's loss is the one process's, and
-    the sharded model saved as ``train`` saves it is one hub-layout checkpoint equal to the model."""
+    after 3 SGD steps the sharded model, saved as ``train`` saves it, is one hub-layout checkpoint equal to
+    the same steps in one process, which transformers and vLLM load."""
     import json
 
+    import torch
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
     from finetune.collate import ExampleDataset, PaliGemmaCollator
     from finetune.data import detection_examples, load_coco
+    from tests.finetune.fsdp_probe import STEPS
 
     probe = [*TORCHRUN, str(ROOT / "tests" / "finetune" / "fsdp_probe.py")]
     done = _run(probe, [str(tiny_checkpoint), str(shapes), str(tmp_path / "saved")])
@@ -101,12 +105,38 @@ def test_the_shipped_fsdp_policy_halves_what_each_rank_holds(
     model = PaliGemmaForConditionalGeneration.from_pretrained(tiny_checkpoint)
     examples = ExampleDataset(detection_examples(load_coco(shapes / "annotations.json"), 0, seed=0))
     batch = PaliGemmaCollator(PaliGemmaProcessor.from_pretrained(tiny_checkpoint))([examples[i] for i in range(4)])
+    torch.manual_seed(0)
     single = float(model(**batch).loss.detach())
     assert all(abs(r["loss"] - single) < 1e-5 for r in reports), (single, reports)
 
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(STEPS):  # what the two ranks did, in one process
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
     saved = PaliGemmaForConditionalGeneration.from_pretrained(tmp_path / "saved")  # one hub-layout checkpoint
     assert saved.state_dict().keys() == model.state_dict().keys()
-    assert all(saved.state_dict()[k].equal(v) for k, v in model.state_dict().items())
+    difference = max(float((saved.state_dict()[k] - v).abs().max()) for k, v in model.state_dict().items())
+    assert difference < TOLERANCE, difference
+    _generates_on_vllm(tmp_path / "saved")
+
+
+def _generates_on_vllm(checkpoint: Path) -> None:
+    """vLLM (the other engine) loads the checkpoint and generates from it."""
+    from PIL import Image
+    from vllm import LLM, SamplingParams
+
+    llm = LLM(
+        model=str(checkpoint), dtype="float32", max_model_len=256, max_num_seqs=2,
+        limit_mm_per_prompt={"image": 1}, enforce_eager=True,
+    )  # fmt: skip
+    try:
+        image = Image.new("RGB", (112, 112), (30, 30, 30))
+        params = SamplingParams(temperature=0.0, max_tokens=4, skip_special_tokens=False)
+        (result,) = llm.generate([{"prompt": "detect circle", "multi_modal_data": {"image": image}}], params)
+        assert len(result.outputs[0].token_ids) >= 1
+    finally:
+        llm.llm_engine.engine_core.shutdown()
 
 
 @pytest.mark.parametrize("arch", ["paligemma-3b-224", "paligemma2-3b-224"])
