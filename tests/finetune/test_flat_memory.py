@@ -20,7 +20,7 @@ LIMIT_MIB = 300
 
 @pytest.fixture(scope="session")
 def photos(request: pytest.FixtureRequest) -> Path:
-    """300 photo-sized JPEGs (1920x1080, ~670 KB each), kept in pytest's cache between sessions."""
+    """300 photo-sized JPEGs (1920x1080, ~630 KB each), kept in pytest's cache between sessions."""
     return generate_cached(request.config.cache.mkdir("finetune-photos"), 300, photos=True)
 
 
