@@ -70,12 +70,15 @@ def checkpoints(out: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def resume_point(out: Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest sealed checkpoint in ``out`` and its seal; newer unsealed ones are moved aside."""
+def resume_point(out: Path, move_aside: bool = True) -> tuple[Path, dict[str, Any]] | None:
+    """The newest sealed checkpoint in ``out`` and its seal; newer unsealed ones are moved aside (by one
+    process only: under torchrun the others pass ``move_aside=False`` and find the same checkpoint)."""
     for _, folder in reversed(checkpoints(out)):
         record = read_seal(folder)
         if record is not None:
             return folder, record
+        if not move_aside:
+            continue
         aside = folder.with_name(folder.name + ".partial")
         shutil.rmtree(aside, ignore_errors=True)
         folder.rename(aside)

@@ -315,7 +315,7 @@ def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict[str, Any]] | 
                 "%s holds checkpoints of an earlier run: starting from scratch (%s continues it)", out, flag("resume")
             )
         return None
-    found = resume_point(out)
+    found = resume_point(out, move_aside=os.environ.get("RANK", "0") == "0")
     if found is None:
         log.warning("%s: no complete checkpoint-N in %s, starting from scratch", flag("resume"), out)
     else:
