@@ -35,10 +35,10 @@ def _run(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess[st
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 
 
-def _train(base: Path, data: Path, out: Path, batch_size: int) -> list[str]:
+def _train(base: Path, data: Path, out: Path, batch_size: int, dropout: str = "0") -> list[str]:
     return [
         "train", "--base", str(base), "--out", str(out), "--coco", str(data / "annotations.json"),
-        "--batch-size", str(batch_size), "--max-steps", "6", "--lora-dropout", "0", "--lr", "1e-3",
+        "--batch-size", str(batch_size), "--max-steps", "6", "--lora-dropout", dropout, "--lr", "1e-3",
         "--logging-steps", "1", "--save-steps", "3", "--threads", "1", "--seed", "3",
     ]  # fmt: skip
 
@@ -164,3 +164,21 @@ def test_the_shipped_accelerate_configs_load(name: str) -> None:
         assert config.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
     else:
         assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_two_processes_killed_mid_save_resume_to_the_same_weights(
+    tiny_checkpoint: Path, shapes: Path, tmp_path: Path
+) -> None:
+    """SIGKILL on rank 0 while it writes ``checkpoint-6``, then ``--resume`` on 2 processes: the unsealed
+    folder is moved aside once (by rank 0), both ranks resume from ``checkpoint-3``, and the adapter is the
+    uninterrupted run's (LoRA dropout on: each rank's RNG state comes back from its own file)."""
+    whole = _run([*TORCHRUN, "-m", "finetune"], _train(tiny_checkpoint, shapes, tmp_path / "whole", 2, dropout="0.05"))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    args = _train(tiny_checkpoint, shapes, tmp_path / "killed", 2, dropout="0.05")
+    killed = _run([*TORCHRUN, "-m", "tests.finetune.interrupt", "save:6"], args)
+    assert killed.returncode != 0 and not (tmp_path / "killed" / "adapter").exists()
+    resumed = _run([*TORCHRUN, "-m", "finetune"], [*args, "--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stderr.count("checkpoint-6 is incomplete") == 1  # one rank moved it aside
+    assert resumed.stderr.count(f"resuming from {tmp_path / 'killed' / 'checkpoint-3'} ") == 2
+    assert _largest_difference(tmp_path / "whole", tmp_path / "killed") == 0.0
