@@ -68,11 +68,6 @@ def with_lines(picture: Image.Image, lines: Sequence[tuple[str, tuple[int, int, 
     return out
 
 
-def _load(path: Path) -> Image.Image:
-    """Decoded as for training and serving (EXIF orientation, 16-bit, CMYK): :mod:`finetune.images`."""
-    return load_training_image(path)
-
-
 def _boxes(records: dict[str, list[dict[str, Any]]], image_id: int) -> list[Box]:
     return [Box(r["label"], tuple(r["box"]), r.get("score")) for r in records.get(str(image_id), [])]
 
@@ -123,7 +118,7 @@ def detection_pictures(
     paths = []
     for i, (image, row) in enumerate(zip(dataset.images[:count], rows, strict=False)):
         columns = [(titles[role], _boxes(predictions[role], image.image_id)) for role in ROLES]
-        picture = comparison_picture(_load(image.path), image.objects, columns, truth_in_columns=True)
+        picture = comparison_picture(load_training_image(image.path), image.objects, columns, truth_in_columns=True)
         text = f"IoU per image: base {_fmt(row['iou_base'])} -> finetuned {_fmt(row['iou_finetuned'])}"
         legend = "green: ground truth, blue: prediction (label score)"
         path = folder / f"{i:03d}.png"
@@ -139,7 +134,7 @@ def vqa_pictures(
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, record in enumerate(records[:count]):
-        image = _load(record.image)
+        image = load_training_image(record.image)
         factor = max(1.0, PICTURE_SIDE / min(image.size))
         big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
         canvas = Image.new("RGB", (max(big.width + 16, 2 * PICTURE_SIDE), big.height + 16), "white")
@@ -226,7 +221,7 @@ async def compare(
     report["pictures"] = [str(p) for paths in sheets.values() for p in paths[:pictures]]
     for name, paths in sheets.items():
         if sheet > 0 and paths:
-            contact_sheet([_load(p) for p in paths[:sheet]], columns=2).save(folder / name)
+            contact_sheet([load_training_image(p) for p in paths[:sheet]], columns=2).save(folder / name)
             report.setdefault("contact_sheets", []).append(str(folder / name))
         for extra in paths[pictures:]:
             extra.unlink()  # drawn only for the sheet

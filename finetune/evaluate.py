@@ -47,11 +47,6 @@ PICTURE_SIDE = 336
 """Pictures are drawn on the image scaled to this short side, so 112-px images stay readable."""
 
 
-def _load(path: Path) -> Image.Image:
-    """Decoded as for training and serving (EXIF orientation, 16-bit, CMYK): :mod:`finetune.images`."""
-    return load_training_image(path)
-
-
 async def _bounded(engine: Engine, request: GenerationRequest, gate: asyncio.Semaphore) -> Any:
     async with gate:
         return await engine.generate(request)
@@ -87,7 +82,7 @@ async def detection_answers(
     gate = asyncio.Semaphore(concurrency)
     jobs: list[tuple[DetectionImage, list[str], Image.Image]] = []
     for image in dataset.images:
-        pixels = _load(image.path)
+        pixels = load_training_image(image.path)
         jobs += [(image, group, pixels) for group in groups]
     requests = [
         GenerationRequest(
@@ -151,7 +146,7 @@ async def predict_detections(
 async def predict_answers(engine: Engine, records: Sequence[VQARecord], *, concurrency: int = 64) -> list[str]:
     """Greedy answers to ``answer en <question>``, in the order of ``records``."""
     gate = asyncio.Semaphore(concurrency)
-    images = {path: _load(path) for path in dict.fromkeys(r.image for r in records)}
+    images = {path: load_training_image(path) for path in dict.fromkeys(r.image for r in records)}
     requests = [GenerationRequest(images[r.image], prompts.answer(r.question), VQA_MAX_NEW_TOKENS) for r in records]
     generations = await asyncio.gather(*(_bounded(engine, r, gate) for r in requests))
     return [" ".join(g.text.replace("<eos>", " ").split()) for g in generations]
@@ -190,7 +185,7 @@ def write_pictures(
     for i, image in enumerate(dataset.images[:count]):
         cols = [(title, preds.get(image.image_id, [])) for title, preds in columns]
         path = out / f"{i:03d}.png"
-        comparison_picture(_load(image.path), image.objects, cols).save(path)
+        comparison_picture(load_training_image(image.path), image.objects, cols).save(path)
         paths.append(str(path))
     return paths
 
