@@ -93,6 +93,7 @@ def test_the_shipped_fsdp_policy_halves_what_each_rank_holds(
     from finetune.collate import ExampleDataset, PaliGemmaCollator
     from finetune.data import detection_examples, load_coco
     from tests.finetune.fsdp_probe import STEPS
+    from tests.vllm_smoke import assert_vllm_generates
 
     probe = [*TORCHRUN, str(ROOT / "tests" / "finetune" / "fsdp_probe.py")]
     done = _run(probe, [str(tiny_checkpoint), str(shapes), str(tmp_path / "saved")])
@@ -118,25 +119,7 @@ def test_the_shipped_fsdp_policy_halves_what_each_rank_holds(
     assert saved.state_dict().keys() == model.state_dict().keys()
     difference = max(float((saved.state_dict()[k] - v).abs().max()) for k, v in model.state_dict().items())
     assert difference < TOLERANCE, difference
-    _generates_on_vllm(tmp_path / "saved")
-
-
-def _generates_on_vllm(checkpoint: Path) -> None:
-    """vLLM (the other engine) loads the checkpoint and generates from it."""
-    from PIL import Image
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(
-        model=str(checkpoint), dtype="float32", max_model_len=256, max_num_seqs=2,
-        limit_mm_per_prompt={"image": 1}, enforce_eager=True,
-    )  # fmt: skip
-    try:
-        image = Image.new("RGB", (112, 112), (30, 30, 30))
-        params = SamplingParams(temperature=0.0, max_tokens=4, skip_special_tokens=False)
-        (result,) = llm.generate([{"prompt": "detect circle", "multi_modal_data": {"image": image}}], params)
-        assert len(result.outputs[0].token_ids) >= 1
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    assert_vllm_generates(tmp_path / "saved")  # the other engine
 
 
 @pytest.mark.parametrize("arch", ["paligemma-3b-224", "paligemma2-3b-224"])

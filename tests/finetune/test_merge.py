@@ -18,6 +18,7 @@ from finetune.config import MergeConfig
 from finetune.merge import merge
 from finetune.train import LANGUAGE_MODEL_PATTERN
 from paligemma.checkpoint import save_checkpoint
+from tests.vllm_smoke import assert_vllm_generates
 
 HUB_PREFIXES = ("vision_tower.vision_model.", "multi_modal_projector.", "language_model.model.")
 
@@ -107,22 +108,5 @@ def test_merge_without_an_adapter_says_where_it_looked(tmp_path: Path) -> None:
 
 @pytest.mark.vllm
 def test_vllm_loads_the_merged_checkpoint(lora_run: tuple[Path, dict], tmp_path: Path) -> None:
-    from vllm import LLM, SamplingParams
-
     run, _ = lora_run
-    out = merge(MergeConfig(run=str(run), out=str(tmp_path / "merged"), dtype="float32"))
-    llm = LLM(
-        model=str(out),
-        dtype="float32",
-        max_model_len=256,
-        max_num_seqs=2,
-        limit_mm_per_prompt={"image": 1},
-        enforce_eager=True,
-    )
-    try:
-        image = Image.new("RGB", (112, 112), (30, 30, 30))
-        params = SamplingParams(temperature=0.0, max_tokens=4, skip_special_tokens=False)
-        (result,) = llm.generate([{"prompt": "detect circle", "multi_modal_data": {"image": image}}], params)
-        assert len(result.outputs[0].token_ids) >= 1
-    finally:
-        llm.llm_engine.engine_core.shutdown()
+    assert_vllm_generates(merge(MergeConfig(run=str(run), out=str(tmp_path / "merged"), dtype="float32")))
