@@ -98,11 +98,11 @@ def _synth(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     from finetune.config import FlagError
     from finetune.data import DataError, data_error_message
-    from finetune.train import train
+    from finetune.train import first_process, train
 
     try:
         trained = train(from_args(TrainConfig, args))
-        if os.environ.get("RANK", "0") == "0":  # one summary, from the process that wrote the files
+        if first_process():  # one summary, from the process that wrote the files
             log.info("trained: %s", trained)
     except FlagError as exc:
         raise SystemExit(f"error: {exc}") from None

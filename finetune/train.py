@@ -176,6 +176,12 @@ def train_record(cfg: TrainConfig) -> dict[str, Any]:
     return {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
 
 
+def first_process() -> bool:
+    """Rank 0 under ``torchrun`` / ``accelerate launch`` (which set ``RANK``), or the only process: the one that
+    writes the run's files and its summary. Usable before the Trainer exists (the Trainer's own check isn't)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _workers(cfg: TrainConfig) -> int:
     if cfg.workers is not None:
         return cfg.workers
@@ -231,7 +237,7 @@ def train(cfg: TrainConfig) -> Path:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     record = train_record(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun / accelerate, only the first process writes files
+    if first_process():
         (out / "train_config.json").write_text(json.dumps(record, indent=2) + "\n")
     examples = build_examples(cfg)
     heldout = load_heldout(cfg)
@@ -315,7 +321,7 @@ def _resume_point(cfg: TrainConfig, out: Path) -> tuple[Path, dict[str, Any]] | 
                 "%s holds checkpoints of an earlier run: starting from scratch (%s continues it)", out, flag("resume")
             )
         return None
-    found = resume_point(out, move_aside=os.environ.get("RANK", "0") == "0")
+    found = resume_point(out, move_aside=first_process())
     if found is None:
         log.warning("%s: no complete checkpoint-N in %s, starting from scratch", flag("resume"), out)
     else:
