@@ -24,15 +24,14 @@ from typing import Any, NamedTuple
 from PIL import ExifTags, Image
 
 from service.errors import ServiceError
-from service.images import ImageLimits, decode_image, open_header
+from service.images import SWAPPING_ORIENTATIONS, ImageLimits, decode_image, open_header
+from service.model_input import resize_exact, resize_of
 from service.settings import PILLOW_MAX_IMAGE_PIXELS
 
 TRAINING_LIMITS = ImageLimits(max_bytes=200 * 2**20, max_pixels=PILLOW_MAX_IMAGE_PIXELS, max_aspect_ratio=20.0)
 """Wider than the service's: phones take 50-megapixel photos; Pillow's own bomb limit still holds."""
 ASPECT_TOLERANCE = 0.02
 """A COCO record whose width/height ratio differs more than this from the displayed image's is reported."""
-ROTATED = (5, 6, 7, 8)
-"""EXIF orientations that swap width and height."""
 
 
 class BadImage(Exception):
@@ -81,7 +80,7 @@ def inspect_image(path: Path | str, limits: ImageLimits = TRAINING_LIMITS) -> Im
         raise BadImage(path, exc.message) from None
     except OSError as exc:
         raise BadImage(path, f"cannot be read ({exc.strerror or exc})") from None
-    if orientation in ROTATED:
+    if orientation in SWAPPING_ORIENTATIONS:
         width, height = height, width
     return ImageInfo(width, height, orientation)
 
@@ -139,23 +138,9 @@ def load_training_image(
 
 
 def resize_like(image_processor: Any, image: Image.Image) -> Image.Image:
-    """``image`` resized exactly as ``image_processor`` resizes it: its own tensor conversion, grouping and
-    ``resize`` (torchvision's bicubic with antialiasing on uint8), so the processor then finds the image at
-    its size and leaves it as it is, and its ``pixel_values`` equal those of the full image. Unchanged for
-    a processor that does not resize to a fixed height and width on the torchvision backend."""
-    from transformers.image_processing_backends import TorchvisionBackend
-    from transformers.image_transforms import group_images_by_shape
-
-    if not isinstance(image_processor, TorchvisionBackend):
-        return image
-    proc: Any = image_processor  # its attributes come from the checkpoint's config: untyped
-    size = proc.size
-    if not (proc.do_resize and size is not None and size.height and size.width):
-        return image
-    tensor = proc.process_image(
-        image, do_convert_rgb=proc.do_convert_rgb, input_data_format=proc.input_data_format, device=proc.device
-    )
-    grouped, _ = group_images_by_shape([tensor], disable_grouping=proc.disable_grouping)
-    (stacked,) = grouped.values()
-    resized = proc.resize(image=stacked, size=size, resample=proc.resample)
-    return Image.fromarray(resized[0].permute(1, 2, 0).cpu().numpy())
+    """``image`` resized exactly as ``image_processor`` resizes it (the service's
+    :func:`service.model_input.resize_exact`), so the processor then finds the image at its size and leaves
+    it as it is, and its ``pixel_values`` equal those of the full image. Unchanged for a processor whose
+    resize is not reproduced there."""
+    resize = resize_of(image_processor)
+    return image if resize is None else resize_exact(image, resize)

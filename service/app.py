@@ -12,7 +12,6 @@ import logging
 import os
 import threading
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 
@@ -38,6 +37,7 @@ from service.guards.auth import AuthMiddleware, KeyRing
 from service.guards.middleware import BodyLimitMiddleware, RequestContextMiddleware, request_id_of
 from service.images import ImageLimits
 from service.metrics import Metrics
+from service.model_input import UploadPool, load_resize
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -83,10 +83,11 @@ def _freeze_startup_heap() -> None:
 def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state.decode_pool = ThreadPoolExecutor(state.settings.decode_threads, thread_name_prefix="image-decode")
         try:
             state.mask_decoder = await load_mask_decoder(state.settings)  # /segment; None when not configured
             async with factory(state.settings) as engine:
+                # Started now: the vLLM engine settles every child process onto the model's cores as it starts.
+                state.uploads = await _start_uploads(state)
                 state.special_ids = SpecialIds.from_tokenizer(engine.tokenizer())  # type: ignore[arg-type]
                 state.grammar_specs.clear()
                 state.metrics.watch_engine(engine.stats)
@@ -103,9 +104,33 @@ def _lifespan(state: ServiceState, factory: EngineFactory) -> Callable[[FastAPI]
                     state.engine = None
                     state.metrics.unwatch_engine()
         finally:
-            state.decode_pool.shutdown(wait=False, cancel_futures=True)
+            if state.uploads is not None:
+                state.uploads.shutdown()
+                state.uploads = None
 
     return lifespan
+
+
+async def _start_uploads(state: ServiceState) -> UploadPool:
+    """The upload workers, resizing to the input size of the model's processor (when reproduced)."""
+    import torch
+
+    from service.engines.cpu_threads import decode_workers
+
+    settings = state.settings
+    resize = await asyncio.to_thread(load_resize, settings.model)
+    workers = decode_workers(settings, on_gpu=torch.cuda.is_available() and settings.device != "cpu")
+    pool = UploadPool(workers, state.limits, resize, draft=settings.jpeg_draft)
+    await pool.start()
+    log.info(
+        "%d upload worker processes%s%s",
+        workers,
+        f"; uploads resized to {resize.width}x{resize.height} ({resize.interpolation}) as the processor does"
+        if resize
+        else "; the processor's resize is not one reproduced here: engines get whole images",
+        "; JPEG draft decoding on" if settings.jpeg_draft else "",
+    )
+    return pool
 
 
 def _reply(

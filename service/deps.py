@@ -7,7 +7,6 @@ the lifespan fills in ``engine``, and ``EngineDep`` answers 503 while there is n
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Annotated, Any, cast
 
@@ -21,6 +20,7 @@ from service.errors import Unavailable
 from service.guards.admission import Admission
 from service.images import ImageLimits
 from service.metrics import Metrics
+from service.model_input import UploadPool
 from service.settings import Settings
 
 
@@ -36,7 +36,8 @@ class ServiceState:
     engine: Engine | None = None
     special_ids: SpecialIds | None = None
     """Where the tokenizer keeps its loc/seg tokens, read once when the engine is up."""
-    decode_pool: ThreadPoolExecutor | None = None
+    uploads: UploadPool | None = None
+    """The processes that decode uploads into the model's input, started once the engine is up."""
     mask_decoder: MaskDecoder | None = None
     """big_vision's mask decoder for ``/segment``, loaded at startup when ``segmentation_weights`` is set."""
     grammar_specs: dict[tuple[Any, ...], GrammarSpec] = field(default_factory=dict)

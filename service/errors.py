@@ -21,7 +21,7 @@ CVE-2026-22778) — details go to the log with the request id.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 
 class ServiceError(Exception):
@@ -41,6 +41,14 @@ class ServiceError(Exception):
     def headers(self) -> dict[str, str]:
         """Extra response headers (``Retry-After`` for 503)."""
         return {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled whole (code and param too): image errors are raised in the upload worker processes."""
+        return (_rebuild, (type(self), self.message, self.code, self.param))
+
+
+def _rebuild(kind: type[ServiceError], message: str, code: str, param: str | None) -> ServiceError:
+    return kind(message, code=code, param=param)
 
 
 class BadRequest(ServiceError):

@@ -11,11 +11,14 @@ Why each step (see ``shared/notes/reliability.md`` section 3):
 - every mode becomes RGB; transparency is composited on white rather than dropped (dropping it turns
   transparent areas into whatever colour the encoder left there, often black).
 
-Decoding is CPU work: callers run :func:`decode_image` in a thread pool, never on the event loop.
+Decoding is CPU work: the service runs it in worker processes (:mod:`service.model_input`), never on the
+event loop.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import io
 import warnings
@@ -23,11 +26,13 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 from service.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+"""EXIF orientations that swap width and height."""
 
 # Raise on Pillow's bomb warning (process-wide on purpose: nothing in this service wants the warning).
 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -99,16 +104,22 @@ def open_header(source: BinaryIO, limits: ImageLimits) -> Image.Image:
     return image
 
 
-def _open(data: bytes, limits: ImageLimits) -> Image.Image:
-    """Identify, check the header-declared size, then decode frame 0."""
+def _open(
+    data: bytes, limits: ImageLimits, draft: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """Identify, check the header-declared size, then decode frame 0 (a JPEG at the smallest of 1/1, 1/2, 1/4,
+    1/8 scale that still covers ``draft``, when given). Returns the image and its header-declared size."""
     image = open_header(io.BytesIO(data), limits)
+    size = image.size
+    if draft is not None and image.format == "JPEG":
+        image.draft(None, draft)  # the decoder's own DCT scaling: far less work, other pixels
     try:
         image.load()  # frame 0 of animations; truncated data raises here
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise PayloadTooLarge(f"image has more than {limits.max_pixels} pixels", code="image_too_large") from None
     except Exception:
         raise BadRequest("the image data is truncated or corrupt", code="bad_image") from None
-    return image
+    return image, size
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -138,18 +149,47 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def image_bytes(data: bytes | str, max_bytes: int) -> bytes:
+    """The upload's bytes: ``data`` itself, or decoded from base64 text (a ``data:`` URL prefix and line breaks
+    allowed) within the size limit. Base64 arrives as text from JSON bodies and is decoded where the image is,
+    in an upload worker: for a phone photo that is 4 MB of text, milliseconds of the API process's GIL."""
+    if isinstance(data, bytes):
+        return data
+    if data.startswith("data:"):  # data:image/png;base64,....
+        data = data.partition(",")[2]
+    compact = "".join(data.split())  # MIME-style line breaks are fine
+    if len(compact) > 4 * ((max_bytes + 2) // 3):
+        raise PayloadTooLarge(f"image is larger than {max_bytes} bytes", code="image_too_large")
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadRequest("image is not valid base64", code="bad_base64") from None
+
+
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Untrusted bytes -> RGB image in display orientation. Raises only :mod:`service.errors` types."""
+    return decode_upload(data, limits)[0]
+
+
+def decode_upload(
+    data: bytes, limits: ImageLimits, draft: tuple[int, int] | None = None
+) -> tuple[Image.Image, tuple[int, int]]:
+    """:func:`decode_image`, and the upload's size as displayed (after EXIF orientation). With ``draft``, a
+    JPEG is decoded at a reduced scale that still covers it, so the image may be smaller than that size."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"image is larger than {limits.max_bytes} bytes", code="image_too_large")
     if not data:
         raise BadRequest("the image is empty", code="bad_image")
-    image = _open(data, limits)
+    image, stored = _open(data, limits, draft)
+    displayed = stored
     # Unreadable EXIF: keep the stored orientation rather than refuse the image.
     with contextlib.suppress(OSError, ValueError, SyntaxError, TypeError, KeyError):
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
         image = ImageOps.exif_transpose(image) or image
-    _check_geometry(*image.size, limits)
+        if orientation in SWAPPING_ORIENTATIONS:
+            displayed = (stored[1], stored[0])
+    _check_geometry(*displayed, limits)
     try:
-        return to_rgb(image)
+        return to_rgb(image), displayed
     except (OSError, ValueError):
         raise BadRequest("the image could not be converted to RGB", code="bad_image") from None

@@ -60,7 +60,7 @@ class Metrics:
         )
         self.decode_seconds = Histogram(
             "paligemma_image_decode_seconds",
-            "Time to decode and normalise one image",
+            "Time to decode one upload and resize it to the model's input (in an upload worker)",
             buckets=DECODE_BUCKETS,
             registry=r,
         )

@@ -58,10 +58,19 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1, description="Largest image file accepted (bytes)")
     max_image_pixels: int = Field(40_000_000, ge=1, le=PILLOW_MAX_IMAGE_PIXELS)
     max_aspect_ratio: float = Field(20.0, ge=1.0, description="Longest side / shortest side")
-    decode_threads: int = Field(2, ge=1, le=64, description="Threads that decode uploaded images")
+    decode_workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = Field(
+        "auto",
+        description="Processes that decode uploads and resize them to the model's input (service/model_input.py); "
+        "auto = half the usable cores, 2 to 8",
+    )
+    jpeg_draft: bool = Field(
+        False,
+        description="Decode JPEGs at 1/2, 1/4 or 1/8 scale when that still covers the model's input: several "
+        "times less decode work, slightly different pixels (docs/performance.md has its effect on mAP)",
+    )
     torch_threads: Literal["auto"] | Annotated[int, Field(ge=1)] = Field(
         "auto",
-        description="The model's CPU threads; auto = OMP_NUM_THREADS if set, else usable cores - decode_threads - 1 "
+        description="The model's CPU threads; auto = OMP_NUM_THREADS if set, else usable cores - decode workers - 1 "
         "(at least 1); the rest of the cores are left to the API process (service/engines/cpu_threads.py)",
     )
     model_nice: int = Field(

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Query, Response
-from PIL.Image import Image
 
 from paligemma.draw import Drawable, draw_detections
 from service.api.schemas import Detection
+from service.images import ImageLimits, decode_image, image_bytes
 
 ANNOTATED = Query(
     False,
@@ -45,13 +45,15 @@ def from_response(detections: Sequence[Detection]) -> list[Drawable]:
     return [_Drawn(d.label, (d.box.x1, d.box.y1, d.box.x2, d.box.y2), d.score) for d in detections]
 
 
-def _render(image: Image, detections: Sequence[Drawable]) -> bytes:
+def _render(data: bytes | str, limits: ImageLimits, detections: Sequence[Drawable]) -> bytes:
     buffer = io.BytesIO()
+    image = decode_image(image_bytes(data, limits.max_bytes), limits)
     draw_detections(image, detections).save(buffer, format="PNG", compress_level=3)
     return buffer.getvalue()
 
 
-async def annotated_png(image: Image, detections: Sequence[Drawable]) -> Response:
-    """The PNG response (rendered off the event loop)."""
-    data = await asyncio.to_thread(_render, image, detections)
-    return Response(data, media_type="image/png", headers={"X-Detections": str(len(detections))})
+async def annotated_png(data: bytes | str, limits: ImageLimits, detections: Sequence[Drawable]) -> Response:
+    """The PNG response: the upload decoded again at full size (the engine only saw the model's input) and
+    drawn on, off the event loop."""
+    png = await asyncio.to_thread(_render, data, limits, detections)
+    return Response(png, media_type="image/png", headers={"X-Detections": str(len(detections))})

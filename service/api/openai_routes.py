@@ -27,7 +27,6 @@ from pydantic import ValidationError
 from paligemma import prompts
 from paligemma.grammar import DEFAULT_MAX_OBJECTS
 from service.api.detections import labelled_detections, to_response
-from service.api.intake import decode_base64_image
 from service.api.openai_schemas import ChatCompletionRequest, ImagePart, Model, ModelList, OpenAIErrorResponse, TextPart
 from service.api.routes import decode_and_generate, inline_schema
 from service.deps import EngineDep, StateDep
@@ -105,8 +104,8 @@ def _parse(body: bytes) -> ChatCompletionRequest:
         raise BadRequest(f"{param or 'body'}: {first['msg']}", code="invalid_request", param=param) from None
 
 
-def _image_and_text(chat: ChatCompletionRequest, max_image_bytes: int) -> tuple[bytes, str]:
-    """The one image (decoded from its data URL) and the one text of the single user message."""
+def _image_and_text(chat: ChatCompletionRequest) -> tuple[str, str]:
+    """The one image (its data URL, decoded in the upload worker) and the one text of the single user message."""
     users = [i for i, m in enumerate(chat.messages) if m.role == "user"]
     if len(users) != 1 or any(m.role == "assistant" for m in chat.messages):
         raise BadRequest("send exactly one user message (PaliGemma answers one turn)", code="unsupported_messages")
@@ -123,7 +122,7 @@ def _image_and_text(chat: ChatCompletionRequest, max_image_bytes: int) -> tuple[
         message = f"the user message needs exactly one text part, got {len(texts)}"
         raise BadRequest(message, code="unsupported_content", param=param)
     url = images[0].image_url.url
-    if url.lower().startswith(("http://", "https://")):
+    if url[:8].lower().startswith(("http://", "https://")):  # not url.lower(): a photo is megabytes of text
         raise BadRequest(
             "image URLs are not fetched; send the image as a data:image/...;base64,... URL",
             code="image_url_not_supported",
@@ -131,7 +130,7 @@ def _image_and_text(chat: ChatCompletionRequest, max_image_bytes: int) -> tuple[
         )
     if not url.startswith("data:"):
         raise BadRequest("image_url.url must be a data: URL", code="bad_image_url", param=f"{param}.image_url.url")
-    return decode_base64_image(url, max_image_bytes), texts[0]
+    return url, texts[0]
 
 
 def _check_sampling(chat: ChatCompletionRequest) -> None:
@@ -182,11 +181,11 @@ async def chat_completions(request: Request, state: StateDep, engine: EngineDep)
         if chat.model not in state.settings.loras:
             raise ModelNotFound(f"the model {chat.model!r} does not exist; GET /v1/models lists them", param="model")
         adapter = chat.model
-    data, text = _image_and_text(chat, state.limits.max_bytes)
+    data, text = _image_and_text(chat)
     task, prefix, objects = task_of(text)
     params = _Params(chat.max_completion_tokens or chat.max_tokens, adapter)
     labels = objects if task in ("detect", "segment") else None
-    image, generation = await decode_and_generate(
+    upload, generation = await decode_and_generate(
         request, state, engine, prefix, params, data, labels=labels, segment=task == "segment"
     )
     if state.special_ids is None:
@@ -203,7 +202,7 @@ async def chat_completions(request: Request, state: StateDep, engine: EngineDep)
     extension: dict[str, Any] = {}
     if labels is not None:
         found, _ = labelled_detections(
-            generation, image.width, image.height, objects, state.special_ids, engine.tokenizer()
+            generation, upload.width, upload.height, objects, state.special_ids, engine.tokenizer()
         )
         extension["detections"] = [to_response(d).model_dump() for d in found]
     if chat.stream:

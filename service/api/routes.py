@@ -13,7 +13,6 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from PIL.Image import Image
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel
 
@@ -44,6 +43,7 @@ from service.engines.protocol import Engine, Generation, GenerationRequest
 from service.errors import ClientClosedRequest, DeadlineExceeded, Unavailable, ValidationFailed
 from service.guards.cancellation import run_guarded
 from service.guards.middleware import request_id_of
+from service.model_input import Upload
 
 router = APIRouter()
 TIMEOUT_HEADER = "X-Request-Timeout"
@@ -136,11 +136,11 @@ async def decode_and_generate(
     engine: Engine,
     prefix: str,
     params: Any,
-    data: bytes,
+    data: bytes | str,
     default_max_new_tokens: int | None = None,
     labels: list[str] | None = None,
     segment: bool = False,
-) -> tuple[Image, Generation]:
+) -> tuple[Upload, Generation]:
     """The shared middle of every handler: check ``max_new_tokens``, decode the image, run the engine.
 
     With ``labels`` (``/detect``, ``/segment``) and ``params.constrained``, the answer is decoded with the
@@ -150,17 +150,17 @@ async def decode_and_generate(
     grammar = None
     if labels is not None and params.constrained:
         grammar = detection_grammar(state, engine, labels, segment, params.max_objects, max_new_tokens)
-    image, image_id = await decode(state, data)
+    upload = await decode(state, data)
     job = GenerationRequest(
-        image=image,
-        image_id=image_id,
+        image=upload.image,
+        image_id=upload.digest,
         prefix=prefix,
         max_new_tokens=max_new_tokens,
         adapter=params.adapter,
         request_id=request_id_of(request.scope) or "",
         grammar=grammar,
     )
-    return image, await _generate(request, state, engine, job)
+    return upload, await _generate(request, state, engine, job)
 
 
 def detection_grammar(
@@ -222,19 +222,19 @@ async def detect(
     params, data = await read_request(request, DetectParams, state.limits)
     objects = prompts.split_objects(params.objects)
     prefix = prompts.detect(objects)
-    image, generation = await decode_and_generate(request, state, engine, prefix, params, data, labels=objects)
+    upload, generation = await decode_and_generate(request, state, engine, prefix, params, data, labels=objects)
     if state.special_ids is None:
         raise Unavailable()
     detections, dropped = build_detections(
-        generation, image.width, image.height, objects, state.special_ids, engine.tokenizer()
+        generation, upload.width, upload.height, objects, state.special_ids, engine.tokenizer()
     )
     state.metrics.detections.observe(len(detections))
     state.metrics.detections_dropped.labels("no_label").inc(dropped)
     if annotated:
-        return await annotated_png(image, from_response(detections))
+        return await annotated_png(data, state.limits, from_response(detections))
     return DetectResponse(
         detections=detections,
-        image=ImageInfo(width=image.width, height=image.height),
+        image=ImageInfo(width=upload.width, height=upload.height),
         model=engine.model_name,
         text=generation.text,
         usage=usage_of(generation),
@@ -267,7 +267,7 @@ async def vqa(request: Request, state: StateDep, engine: EngineDep) -> VQARespon
 
 
 async def _text_task(
-    request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes
+    request: Request, state: ServiceState, engine: Engine, prefix: str, params: Any, data: bytes | str
 ) -> TextResponse:
     start = time.perf_counter()
     _, generation = await decode_and_generate(request, state, engine, prefix, params, data)

@@ -74,7 +74,7 @@ async def segment(
     prefix = prompts.segment(objects)
     settings = state.settings
     budget = default_max_new_tokens(len(objects), settings.max_new_tokens, settings.max_new_tokens_limit)
-    image, generation = await decode_and_generate(
+    upload, generation = await decode_and_generate(
         request, state, engine, prefix, params, data, budget, labels=objects, segment=True
     )
     if state.special_ids is None:
@@ -82,8 +82,8 @@ async def segment(
     detections, parsed, dropped = await asyncio.to_thread(
         build_segments,
         generation,
-        image.width,
-        image.height,
+        upload.width,
+        upload.height,
         objects,
         state.special_ids,
         engine.tokenizer(),
@@ -93,10 +93,10 @@ async def segment(
     state.metrics.detections.observe(len(detections))
     state.metrics.detections_dropped.labels("no_label").inc(dropped)
     if annotated:
-        return await annotated_png(image, parsed)
+        return await annotated_png(data, state.limits, parsed)
     return SegmentResponse(
         detections=detections,
-        image=ImageInfo(width=image.width, height=image.height),
+        image=ImageInfo(width=upload.width, height=upload.height),
         model=engine.model_name,
         text=generation.text,
         usage=usage_of(generation),

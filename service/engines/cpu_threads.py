@@ -3,7 +3,8 @@
 On a CPU host the model's OpenMP threads, the image-decode pool, the event loop and JSON work share the
 cores. torch's default (one intra-op thread per core) spins against the others: measured on 2 cores,
 throughput fell past saturation (c=32 below c=16) and ``/healthz`` slowed to 35-40 ms. The budget gives the
-model ``usable cores - decode_threads - 1`` threads (at least 1) and leaves the rest to the API process.
+model ``usable cores - decode workers - 1`` threads (at least 1) and leaves the rest to the API process and
+its image workers.
 
 - transformers engine: ``torch.set_num_threads`` in this process (:func:`torch_threads`).
 - vLLM engine on CPU: the model runs in vLLM's worker process, whose OpenMP threads vLLM binds to
@@ -71,6 +72,14 @@ def usable_cores() -> tuple[int, ...]:
     )
 
 
+def decode_workers(settings: Settings, on_gpu: bool) -> int:
+    """How many processes decode uploads (``decode_workers``; ``auto``: 2 beside a CPU model, which needs the
+    cores; beside a GPU model half the usable cores, 2 to 8, since uploads are then the CPU work)."""
+    if settings.decode_workers != "auto":
+        return settings.decode_workers
+    return min(8, max(2, len(usable_cores()) // 2)) if on_gpu else 2
+
+
 def cpu_budget(settings: Settings, environ: dict[str, str] | None = None) -> CpuBudget:
     """The split for ``settings`` on this machine (``environ``: os.environ unless given)."""
     env = os.environ if environ is None else environ
@@ -80,7 +89,7 @@ def cpu_budget(settings: Settings, environ: dict[str, str] | None = None) -> Cpu
     elif env.get("OMP_NUM_THREADS", "").strip().isdigit() and int(env["OMP_NUM_THREADS"]) > 0:
         threads, source = int(env["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
     else:
-        threads, source = len(cores) - settings.decode_threads - 1, "auto"
+        threads, source = len(cores) - decode_workers(settings, on_gpu=False) - 1, "auto"
     return CpuBudget(cores, max(1, min(threads, len(cores))), source, settings.model_nice)
 
 

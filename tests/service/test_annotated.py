@@ -26,6 +26,7 @@ from service.api.schemas import Detection
 from service.api.segments import build_segments
 from service.app import create_app
 from service.engines.protocol import Generation
+from service.images import ImageLimits
 from tests.demo_model import find_detection
 from tests.service.conftest import image_bytes, make_settings
 from tests.service.test_segment import ANSWER, weights  # noqa: F401  (module fixture)
@@ -92,8 +93,10 @@ def test_annotated_segment_draws_masks(weights: Path, tiny_checkpoint: Path) -> 
     generation = Generation(ids, tokenizer.decode(ids), (-0.05,) * len(ids), "stop")
     special, decoder = SpecialIds.from_tokenizer(tokenizer), MaskDecoder.from_npz(weights)
     _, parsed, _ = build_segments(generation, 160, 120, ["cat", "dog"], special, tokenizer, decoder)
-    image = Image.new("RGB", (160, 120), (128, 128, 128))
-    response = asyncio.run(annotated_png(image, parsed))
+    buffer = io.BytesIO()
+    Image.new("RGB", (160, 120), (128, 128, 128)).save(buffer, format="PNG")
+    limits = ImageLimits(max_bytes=10**6, max_pixels=10**6, max_aspect_ratio=20)
+    response = asyncio.run(annotated_png(buffer.getvalue(), limits, parsed))
     drawn = np.asarray(Image.open(io.BytesIO(bytes(response.body))).convert("RGB"))
     mask = parsed[0].mask
     assert drawn.shape == (120, 160, 3) and mask is not None

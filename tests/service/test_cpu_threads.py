@@ -26,6 +26,7 @@ from service.engines.cpu_threads import (
     torch_threads,
     vllm_cpu_environ,
 )
+from service.model_input import WORKER_NICE
 from service.settings import Settings
 from tests.reliability.server import ServiceProcess
 
@@ -39,7 +40,7 @@ def budget(
 
 def test_auto_leaves_the_decode_pool_and_the_event_loop_their_cores(monkeypatch: pytest.MonkeyPatch) -> None:
     assert budget(16, monkeypatch).model_threads == 16 - 2 - 1
-    assert budget(16, monkeypatch, decode_threads=4).model_threads == 11
+    assert budget(16, monkeypatch, decode_workers=4).model_threads == 11
     assert budget(2, monkeypatch).model_threads == 1  # at least one
     assert budget(1, monkeypatch).model_threads == 1
     split = budget(8, monkeypatch)
@@ -149,10 +150,17 @@ def test_vllm_worker_and_api_process_get_disjoint_cores(tiny_checkpoint: Path) -
         assert workers and bound and api_cpus, server.log()[-3000:]
         assert not bound & api_cpus, f"worker on {sorted(bound)}, API process on {sorted(api_cpus)}"
         assert "CPU threads: model" in server.log()
-        # and below the API process: its engine core and worker, every thread, at nice +10
+        # and below the API process: its engine core and worker, every thread, at nice +10; the upload
+        # workers (multiprocessing's spawned children, started once the engine is up) on the API's cores,
+        # between the two (service.model_input.WORKER_NICE)
         main = _nice(api.pid)
-        below = {_nice(thread.id) for p in api.children(recursive=True) for thread in p.threads()}
+        children = api.children(recursive=True)
+        uploads = [p for p in children if "spawn_main" in " ".join(p.cmdline())]
+        model = [p for p in children if p not in uploads]
+        below = {_nice(thread.id) for p in model for thread in p.threads()}
         assert below == {main + 10} and _nice(api.pid) == main, server.log()[-3000:]
+        assert len(uploads) >= 2 and {_nice(p.pid) for p in uploads} == {main + WORKER_NICE}
+        assert set().union(*(os.sched_getaffinity(p.pid) for p in uploads)) <= api_cpus
 
 
 def test_transformers_model_thread_runs_below_the_event_loop(tiny_checkpoint: Path, png: bytes) -> None:
