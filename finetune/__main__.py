@@ -1,10 +1,11 @@
 """``python -m finetune <command>``: the command-line face of the finetune package.
 
 Commands: ``tiny`` (a tiny random PaliGemma), ``random-like`` (random weights, a released architecture),
-``synth`` (synthetic shapes data), ``train``, ``merge``, ``eval``, ``demo`` (the CPU quality benchmark) and
-``lora-demo`` (a new class taught with LoRA). Each command's flags are generated from its dataclass config in
-:mod:`finetune.config` (or :class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so
-``--help`` shows the same documentation as the Python API.
+``synth`` (synthetic shapes data), ``mask-codebook`` (a mask VQ-VAE trained on the shapes), ``train``,
+``merge``, ``eval``, ``demo`` (the CPU quality benchmark) and ``lora-demo`` (a new class taught with LoRA).
+Each command's flags are generated from its dataclass config in :mod:`finetune.config` (or
+:class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the same
+documentation as the Python API.
 """
 
 from __future__ import annotations
@@ -217,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--max-shapes", type=int, default=4, help="shapes per image are drawn from 1..N (1-4)")
     synth.set_defaults(func=_synth)
+
+    from finetune.mask_codebook import add_command
+
+    add_command(commands)
 
     train = commands.add_parser("train", help="LoRA / QLoRA / full finetuning with the transformers Trainer")
     add_arguments(train, TrainConfig)

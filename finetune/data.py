@@ -33,7 +33,7 @@ import json
 import logging
 import random
 import re
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -192,11 +192,14 @@ def load_coco(
     *,
     synonyms: dict[str, str] | None = None,
     on_error: OnError = "skip",
+    annotation_check: Callable[[dict[str, Any], DetectionImage, Box], Box | str] | None = None,
 ) -> DetectionSet:
     """COCO detection JSON (``images``, ``annotations`` with ``bbox`` = x, y, w, h, ``categories``).
 
     Images are ``image_dir / file_name`` (default: the annotation file's folder). Crowd annotations are
     skipped like in COCO evaluation practice; images without annotations are kept (all classes absent).
+    ``annotation_check(ann, image, box)`` sees each accepted annotation and returns the object to keep
+    (e.g. one carrying its mask, :mod:`finetune.segment_data`) or the reason to report it as an issue.
     """
     path = Path(annotations)
     root = Path(image_dir) if image_dir is not None else path.parent
@@ -243,7 +246,13 @@ def load_coco(
         else:
             x, y, w, h = (float(v) for v in bbox)
             box = (max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height))
-            image.objects.append(Box(label, box))
+            obj: Box | str = Box(label, box)
+            if annotation_check is not None:  # e.g. finetune.segment_data: the object with its mask, or why not
+                obj = annotation_check(ann, image, Box(label, box))
+            if isinstance(obj, str):
+                issues.add(path, where, obj)
+            else:
+                image.objects.append(obj)
     classes = list(dict.fromkeys(names.values()))
     return DetectionSet(list(images.values()), classes, issues.found)
 
@@ -335,8 +344,21 @@ def detection_examples(
     prompt_style: Literal["multi", "per_class"] = "multi",
 ) -> list[Example]:
     """Prompts for the classes present plus ``absent_per_image`` sampled absent classes (module docstring)."""
+    return [
+        Example(image.path, prompts.detect(group), detection_target(image, group, loc_stride))
+        for image, group in prompt_groups(dataset, absent_per_image, seed, prompt_style)
+    ]
+
+
+def prompt_groups(
+    dataset: DetectionSet,
+    absent_per_image: int = 1,
+    seed: int = 0,
+    prompt_style: Literal["multi", "per_class"] = "multi",
+) -> Iterator[tuple[DetectionImage, list[str]]]:
+    """The classes each prompt asks for, per image: those present plus ``absent_per_image`` sampled absent
+    ones; ``"multi"``: shuffled, at most ``prompts.MAX_OBJECTS`` per prompt; ``"per_class"``: one each."""
     rng = random.Random(seed)
-    out: list[Example] = []
     for image in dataset.images:
         present = list(dict.fromkeys(o.label for o in image.objects))
         absent = [c for c in dataset.classes if c not in present]
@@ -347,8 +369,7 @@ def detection_examples(
             rng.shuffle(chosen)
             groups = [chosen[i : i + prompts.MAX_OBJECTS] for i in range(0, len(chosen), prompts.MAX_OBJECTS)]
         for group in groups:
-            out.append(Example(image.path, prompts.detect(group), detection_target(image, group, loc_stride)))
-    return out
+            yield image, group
 
 
 def majority_answer(answers: Sequence[str]) -> str:

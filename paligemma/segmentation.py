@@ -17,6 +17,9 @@ key                         layer                                               
 ``decoder.12``              conv 1x1 -> 1                                              64x64x1
 ==========================  =========================================================  ==============
 
+The same file holds the encoder (``encoder.*``, read by :mod:`paligemma.mask_encoder`) and the EMA
+buffers ``_vq_vae._ema_w`` / ``_vq_vae._ema_cluster_size``, which nothing here reads.
+
 The weights are big_vision's ``vae-oid.npz`` (Apache-2.0), which users download themselves from
 ``gs://big_vision/paligemma/vae-oid.npz``; the service reads its path from ``PALIGEMMA_SEGMENTATION_WEIGHTS``
 (``--segmentation-weights``). Tests use :func:`write_random_weights`, same keys and shapes. torch is
@@ -52,6 +55,10 @@ GRID = 4  # 16 tokens = a 4x4 grid; four doublings give 64x64
 DEFAULT_EMBEDDING_DIM = 512  # only for write_random_weights; a real file's D is read from it
 _WIDTH = 128
 _UPSAMPLE = (128, 128, 64, 32, 16)  # in/out channels of decoder.4, .6, .8, .10
+_DOWNSAMPLE = (1, 16, 32, 64, 128)  # in/out channels of encoder.0, .2, .4, .6 (the decoder mirrored)
+_DOWN_KERNEL = 4
+"""4x4 stride-2 convs, as in the VQ-VAE big_vision's file comes from (SwinTransformer/AiT ``vae/models/VQVAE.py``);
+with these shapes, D=512 and the two EMA buffers, ``np.savez`` writes exactly the public file's 8,479,556 bytes."""
 _HOW_TO_GET = (
     f"Download big_vision's VAE weights ({WEIGHTS_URL}, i.e. {WEIGHTS_HTTPS_URL}) and set "
     f"{WEIGHTS_ENV}=/path/to/vae-oid.npz (or pass {WEIGHTS_FLAG} /path/to/vae-oid.npz)."
@@ -76,6 +83,25 @@ def weight_shapes(embedding_dim: int, num_codes: int = NUM_SEG_TOKENS) -> dict[s
         name = f"decoder.{4 + 2 * i}"  # ConvTranspose2d weights are [in, out, k, k]
         shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (inp, out, 4, 4), (out,)
     conv("decoder.12", 1, _UPSAMPLE[-1], 1)
+    return shapes
+
+
+def encoder_weight_shapes(embedding_dim: int, num_codes: int = NUM_SEG_TOKENS) -> dict[str, tuple[int, ...]]:
+    """The ``encoder.*`` keys of ``vae-oid.npz`` and the EMA buffers, PyTorch layout ``[out, in, kh, kw]``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(name: str, out: int, inp: int, k: int) -> None:
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (out, inp, k, k), (out,)
+
+    for i, (inp, out) in enumerate(zip(_DOWNSAMPLE, _DOWNSAMPLE[1:], strict=False)):
+        conv(f"encoder.{2 * i}", out, inp, _DOWN_KERNEL)
+    for block in ("encoder.8.net", "encoder.9.net"):
+        conv(f"{block}.0", _WIDTH, _WIDTH, 3)
+        conv(f"{block}.2", _WIDTH, _WIDTH, 3)
+        conv(f"{block}.4", _WIDTH, _WIDTH, 1)
+    conv("encoder.10", embedding_dim, _WIDTH, 1)
+    shapes["_vq_vae._ema_cluster_size"] = (num_codes,)
+    shapes["_vq_vae._ema_w"] = (num_codes, embedding_dim)
     return shapes
 
 
@@ -117,30 +143,42 @@ def write_random_weights(
     embedding_dim: int = DEFAULT_EMBEDDING_DIM,
     num_codes: int = NUM_SEG_TOKENS,
     seed: int = 0,
+    encoder: bool = False,
 ) -> Path:
-    """Write randomly initialised decoder weights in ``vae-oid.npz``'s key layout (for tests and demos).
+    """Write randomly initialised weights in ``vae-oid.npz``'s key layout (for tests and demos).
 
-    Uniform ``±1/sqrt(fan_in)`` like PyTorch's default init, a standard-normal codebook, and one
-    ``encoder.*`` placeholder so loaders are exercised on the real file's mix of keys.
+    Uniform ``±1/sqrt(fan_in)`` like PyTorch's default init and a standard-normal codebook. Without
+    ``encoder`` one ``encoder.*`` placeholder stands in, so loaders meet the real file's mix of keys; with it
+    the file has every key of the real one (see :func:`encoder_weight_shapes`), its convs He-normal with
+    biases in ±0.1: under the default init eleven layers shrink the mask's signal below the biases and every
+    mask gets the same codeword. The decoder's arrays are the same for a seed either way (drawn first).
     """
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {"encoder.0.weight": np.zeros((1,), np.float32)}
+    arrays: dict[str, np.ndarray] = {} if encoder else {"encoder.0.weight": np.zeros((1,), np.float32)}
     shapes = weight_shapes(embedding_dim, num_codes)
+    if encoder:
+        shapes |= encoder_weight_shapes(embedding_dim, num_codes)
     for key, shape in shapes.items():
-        if key == CODEBOOK_KEY:
+        if key == CODEBOOK_KEY or key.startswith("_vq_vae._ema"):
             arrays[key] = rng.standard_normal(shape).astype(np.float32)
-            continue
-        weight_shape = shapes[key.rsplit(".", 1)[0] + ".weight"]
-        bound = 1.0 / np.sqrt(int(np.prod(weight_shape[1:])))
-        arrays[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
+        elif key.startswith("encoder."):
+            he = np.sqrt(2 / int(np.prod(shape[1:])))
+            draw = rng.uniform(-0.1, 0.1, shape) if key.endswith("bias") else rng.normal(0, he, shape)
+            arrays[key] = draw.astype(np.float32)
+        else:
+            bound = 1.0 / np.sqrt(int(np.prod(shapes[key.rsplit(".", 1)[0] + ".weight"][1:])))
+            arrays[key] = rng.uniform(-bound, bound, shape).astype(np.float32)
     out = Path(path)
     with out.open("wb") as f:  # a file object keeps np.savez from appending ".npz"
         np.savez(f, **arrays)  # type: ignore[arg-type]
     return out
 
 
-def _build_module(embedding_dim: int, num_codes: int) -> torch.nn.Module:
-    """The decoder as an ``nn.Module`` whose ``state_dict`` keys are exactly the file's keys."""
+def build_module(embedding_dim: int, num_codes: int = NUM_SEG_TOKENS) -> torch.nn.Module:
+    """The decoder as an ``nn.Module`` whose ``state_dict`` keys are exactly the file's keys.
+
+    Public so that ``finetune.mask_codebook`` trains this very module rather than a second copy of it.
+    """
     import torch
     from torch import nn
 
@@ -188,7 +226,7 @@ class MaskDecoder:
 
         check_weights(weights)
         self.num_codes, self.embedding_dim = (int(n) for n in weights[CODEBOOK_KEY].shape)
-        self.module = _build_module(self.embedding_dim, self.num_codes)
+        self.module = build_module(self.embedding_dim, self.num_codes)
         state = {key: torch.from_numpy(np.asarray(weights[key], dtype=np.float32)) for key in self.module.state_dict()}
         self.module.load_state_dict(state, strict=True)
         self.module.eval()
