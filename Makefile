@@ -24,6 +24,10 @@ demo-model: setup  ## retrain the demo model into artifacts/demo-model (step-bou
 demo-lora: setup  ## teach models/demo a fourth shape with LoRA (6,000 steps: 24 min on 2 busy cores), merge, score it served 5 ways
 	$(PY) -m finetune lora-demo
 
+.PHONY: demo-segment
+demo-segment: setup  ## teach models/demo to segment with LoRA (3,000 steps, one thread), merge, score /segment on both engines
+	$(PY) -m finetune segment-demo
+
 serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the committed demo model (models/demo)
 	@if [ -z "$$PALIGEMMA_MODEL" ]; then \
 		exec $(PY) -m service --model models/demo --engine transformers --port 8000; \

@@ -2,7 +2,8 @@
 
 Commands: ``tiny`` (a tiny random PaliGemma), ``random-like`` (random weights, a released architecture),
 ``synth`` (synthetic shapes data), ``mask-codebook`` (a mask VQ-VAE trained on the shapes), ``train``,
-``merge``, ``eval``, ``demo`` (the CPU quality benchmark) and ``lora-demo`` (a new class taught with LoRA).
+``merge``, ``eval``, ``demo`` (the CPU quality benchmark), ``lora-demo`` (a new class taught with LoRA) and
+``segment-demo`` (segmentation taught with LoRA).
 Each command's flags are generated from its dataclass config in :mod:`finetune.config` (or
 :class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the same
 documentation as the Python API.
@@ -92,6 +93,7 @@ def _synth(args: argparse.Namespace) -> None:
         size=args.size,
         shapes=tuple(args.shapes.split(",")),
         max_shapes=args.max_shapes,
+        masks=args.masks,
     )
     log.info("wrote %d synthetic images to %s (annotations.json, vqa.jsonl, images/)", args.n, out)
 
@@ -133,8 +135,10 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
     """
     from finetune.data import load_coco, load_vqa
     from finetune.evaluate import evaluate, open_engine
+    from finetune.segment_data import load_coco_segments
 
-    detection = load_coco(cfg.coco, cfg.coco_images) if cfg.coco else None
+    loader = load_coco_segments if cfg.segmentation_weights else load_coco  # segmentation: objects keep masks
+    detection = loader(cfg.coco, cfg.coco_images) if cfg.coco else None
     vqa = load_vqa(cfg.vqa) if cfg.vqa else None
     if detection is not None and cfg.classes:
         detection = detection.only(cfg.classes)  # mAP averages over the asked classes only
@@ -164,6 +168,7 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
             classes_per_prompt=cfg.classes_per_prompt,
             max_new_tokens=cfg.max_new_tokens,
             concurrency=cfg.concurrency,
+            segmentation_weights=cfg.segmentation_weights,
         )
     engine_cm = open_engine(cfg.model, cfg.engine, device=cfg.device, keep_sliding_window=cfg.keep_sliding_window)
     async with engine_cm as engine:
@@ -177,6 +182,7 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
             pictures=cfg.pictures,
             max_new_tokens=cfg.max_new_tokens,
             concurrency=cfg.concurrency,
+            segmentation_weights=cfg.segmentation_weights,
         )
 
 
@@ -194,6 +200,13 @@ def _lora_demo(args: argparse.Namespace) -> None:
 
     report = run_transfer(from_args(TransferConfig, args))
     sys.stdout.write(table_markdown(report["forms"], report["heldout"]["prompts"]))
+
+
+def _segment_demo(args: argparse.Namespace) -> None:
+    from finetune.segment_demo import SegmentDemoConfig, run_segment_demo, scores_markdown
+
+    report = run_segment_demo(from_args(SegmentDemoConfig, args))
+    sys.stdout.write(scores_markdown(report["heldout"]))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--shapes", default="circle,square,triangle", help="comma-separated, from circle,square,triangle,diamond"
     )
     synth.add_argument("--max-shapes", type=int, default=4, help="shapes per image are drawn from 1..N (1-4)")
+    synth.add_argument("--masks", action="store_true", help="each annotation's segmentation too (compressed RLE)")
     synth.set_defaults(func=_synth)
 
     from finetune.mask_codebook import add_command
@@ -250,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(lora_demo, TransferConfig)
     lora_demo.set_defaults(func=_lora_demo)
+
+    from finetune.segment_demo import SegmentDemoConfig
+
+    segment_demo = commands.add_parser(
+        "segment-demo", help="teach the demo model to segment with LoRA, merge, and score it on both engines"
+    )
+    add_arguments(segment_demo, SegmentDemoConfig)
+    segment_demo.set_defaults(func=_segment_demo)
     return parser
 
 

@@ -43,6 +43,12 @@ class DataConfig:
     """big_vision-style JSONL files with {"image", "prefix", "suffix"} lines (repeatable)."""
     vqa: tuple[str, ...] = ()
     """VQA JSONL files with {"image", "question", "answer" or "answers"} lines (repeatable)."""
+    segment_coco: tuple[str, ...] = ()
+    """COCO instance segmentation files (repeatable): 'segment <class>' prompts whose targets are each object's
+    4 <loc> and 16 <seg> tokens; needs --segmentation-weights. Images are looked up under --coco-images."""
+    segmentation_weights: str | None = None
+    """The mask VQ-VAE (vae-oid.npz layout) whose encoder turns --segment-coco masks into <seg> tokens: Google's
+    vae-oid.npz for a released PaliGemma, models/shapes-vae/vae-shapes.npz for the demo model."""
     absent_per_image: int = 1
     """Absent classes sampled per detection image, each a 'detect <class>' prompt with an empty target."""
     prompt_style: Literal["multi", "per_class"] = "multi"
@@ -59,6 +65,8 @@ class DataConfig:
             raise ValueError(f"{flag('absent_per_image')} must be >= 0, got {self.absent_per_image}")
         if not 1 <= self.loc_stride <= 64:
             raise ValueError(f"{flag('loc_stride')} must be between 1 and 64, got {self.loc_stride}")
+        if self.segment_coco and not self.segmentation_weights:
+            raise ValueError(f"{flag('segment_coco')} needs {flag('segmentation_weights')}: the VQ-VAE encoding masks")
         for pair in self.synonyms:
             if "=" not in pair or not all(part.strip() for part in pair.split("=", 1)):
                 raise ValueError(f"{flag('synonyms')} entries look like RAW=CANONICAL, got {pair!r}")
@@ -164,8 +172,10 @@ class TrainConfig(DataConfig):
             raise ValueError(f"{flag('base')} is required: a base model directory")
         if not self.out:
             raise ValueError(f"{flag('out')} is required: an output directory")
-        if not (self.coco or self.jsonl or self.vqa):
-            raise ValueError(f"no training data: give {flag('coco')}, {flag('jsonl')} or {flag('vqa')}")
+        if not (self.coco or self.segment_coco or self.jsonl or self.vqa):
+            raise ValueError(
+                f"no training data: give {flag('coco')}, {flag('segment_coco')}, {flag('jsonl')} or {flag('vqa')}"
+            )
         if self.method not in ("lora", "qlora", "full"):
             raise ValueError(f"{flag('method')} must be lora, qlora or full, got {self.method!r}")
         if self.max_length is not None and self.max_length < 2:
@@ -231,6 +241,9 @@ class EvalConfig:
     """Image folder for --coco (default: the annotation file's folder)."""
     vqa: str | None = None
     """VQA JSONL of the held-out set."""
+    segmentation_weights: str | None = None
+    """Evaluate segmentation: 'segment' prompts on --coco (which must hold segmentations), masks decoded with
+    this VQ-VAE (vae-oid.npz layout); reports mask IoU and mask mAP (pycocotools 'segm') beside box mAP."""
     engine: Literal["transformers", "vllm"] = "transformers"
     """Which service engine generates."""
     classes: tuple[str, ...] = ()

@@ -202,9 +202,12 @@ async def evaluate(
     max_new_tokens: int = 64,
     concurrency: int = 64,
     adapter: str | None = None,
+    segmentation_weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures.
-    ``adapter``: the LoRA adapter every detection request selects (None: the engine's model itself)."""
+    ``adapter``: the LoRA adapter every detection request selects (None: the engine's model itself).
+    ``segmentation_weights`` (a mask VQ-VAE): ``segment`` prompts too, beside ``detect``, on the same set
+    (loaded with masks: ``finetune.segment_data.load_coco_segments``); see :mod:`finetune.segment_eval`."""
     start = time.monotonic()
     report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name, "adapter": adapter}
     records: dict[str, Any] = {}
@@ -224,6 +227,18 @@ async def evaluate(
         report["detection"].update(coco_map(detection, preds))
         records["detection"] = {str(k): [asdict(b) for b in v] for k, v in preds.items()}
         log.info("detection: mAP %.3f, mAP@0.5 %.3f", report["detection"]["map"], report["detection"]["map_50"])
+    if detection is not None and segmentation_weights is not None:
+        from finetune.segment_eval import segmentation_report  # imports evaluate: not at the top
+
+        report["segmentation"], records["segmentation"] = await segmentation_report(
+            engine,
+            detection,
+            segmentation_weights,
+            out=out,
+            pictures=pictures,
+            concurrency=concurrency,
+            adapter=adapter,
+        )
     if vqa:
         answers = await predict_answers(engine, vqa, concurrency=concurrency)
         report["vqa"] = vqa_accuracy(answers, vqa)

@@ -22,6 +22,7 @@ once, in batches through the encoder (:class:`SegmentCodes`): 1,000 masks take s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pycocotools import mask as mask_utils
 
+from finetune.config import TrainConfig
 from finetune.data import (
     Box,
     DetectionImage,
@@ -45,6 +47,7 @@ from paligemma import prompts
 from paligemma.mask_encoder import MaskEncoder, crop_box, crop_resize
 from paligemma.tokens import SEG_TOKENS
 
+log = logging.getLogger(__name__)
 Segmentation = list[list[float]] | dict[str, Any]
 """COCO's ``segmentation``: polygons ``[[x1, y1, x2, y2, ...], ...]`` or RLE ``{"size": [h, w], "counts": ...}``."""
 ENCODE_BATCH = 256
@@ -200,3 +203,29 @@ def segment_examples(
         Example(image.path, prompts.segment(group), segment_target(image, group, codes, loc_stride))
         for image, group in prompt_groups(dataset, absent_per_image, seed, prompt_style)
     ]
+
+
+def configured_examples(cfg: TrainConfig) -> list[Example]:
+    """``segment`` prompts from ``--segment-coco`` files, every mask encoded once by ``--segmentation-weights``."""
+    codes = SegmentCodes(MaskEncoder.from_npz(str(cfg.segmentation_weights)))
+    examples: list[Example] = []
+    for i, path in enumerate(cfg.segment_coco):
+        dataset = load_coco_segments(path, cfg.coco_images, synonyms=cfg.synonym_map, on_error=cfg.on_error)
+        examples += segment_examples(
+            dataset,
+            codes,
+            cfg.absent_per_image,
+            seed=cfg.seed + i,
+            loc_stride=cfg.loc_stride,
+            prompt_style=cfg.prompt_style,
+        )
+        masks = sum(len(image.objects) for image in dataset.images)
+        log.info(
+            "%s: %d images, %d masks, classes %s, %d skipped",
+            path,
+            len(dataset.images),
+            masks,
+            dataset.classes,
+            len(dataset.issues),
+        )
+    return examples

@@ -81,9 +81,10 @@ def _place(rng: random.Random, width: int, height: int, count: int) -> list[tupl
     return boxes
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
+def _draw(draw: ImageDraw.ImageDraw, shape: Shape, fill: int | tuple[int, int, int] | None = None) -> None:
+    """Paint ``shape`` in its colour, or in ``fill`` (a mask's 1)."""
     x1, y1, x2, y2 = shape.box
-    fill = COLORS[shape.color]
+    fill = COLORS[shape.color] if fill is None else fill
     r, b = x2 - 1, y2 - 1  # PIL coordinates are inclusive
     cx, cy = (x1 + r) / 2, (y1 + b) / 2
     if shape.kind == "circle":
@@ -96,6 +97,17 @@ def _draw(draw: ImageDraw.ImageDraw, shape: Shape) -> None:
         draw.polygon([(cx, y1), (r, cy), (cx, b), (x1, cy)], fill=fill)
     else:
         raise ValueError(f"unknown shape {shape.kind!r}; known: {', '.join(SHAPES)}")
+
+
+def mask_rle(shape: Shape, size: int) -> dict[str, Any]:
+    """The shape's pixels in a ``size`` x ``size`` image (exactly those :func:`render` paints, shapes never
+    overlap) as COCO compressed RLE, ``counts`` a str as in COCO files."""
+    from pycocotools import mask as mask_utils
+
+    canvas = Image.new("L", (size, size), 0)
+    _draw(ImageDraw.Draw(canvas), shape, fill=1)
+    rle = mask_utils.encode(np.asfortranarray(np.asarray(canvas) > 0, dtype=np.uint8))
+    return {"size": [size, size], "counts": rle["counts"].decode()}
 
 
 def render(
@@ -143,10 +155,12 @@ def generate(
     questions_per_image: int = 2,
     max_shapes: int = 4,
     question_types: tuple[str, ...] = QUESTION_TYPES,
+    masks: bool = False,
 ) -> Path:
     """Write ``n`` images with COCO annotations and VQA questions to ``out`` (see the module docstring).
 
-    Each image gets ``questions_per_image`` questions of distinct types drawn from ``question_types``.
+    Each image gets ``questions_per_image`` questions of distinct types drawn from ``question_types``. With
+    ``masks`` each annotation also has its ``segmentation``: the drawn shape's pixels as compressed RLE.
     """
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown or not shapes:
@@ -181,6 +195,7 @@ def generate(
                     "area": (x2 - x1) * (y2 - y1),
                     "iscrowd": 0,
                     "color": shape.color,
+                    **({"segmentation": mask_rle(shape, size)} if masks else {}),
                 }
             )
         rng = random.Random(f"{seed}:{index}:vqa")

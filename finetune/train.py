@@ -61,7 +61,7 @@ LANGUAGE_MODEL_PATTERN = r".*language_model.*\.({})$"
 
 
 def build_examples(cfg: TrainConfig) -> list[Example]:
-    """All training examples: detection prompts from COCO files, JSONL examples and VQA questions."""
+    """All training examples: detection and segmentation prompts from COCO files, JSONL examples, VQA questions."""
     examples: list[Example] = []
     for i, path in enumerate(cfg.coco):
         dataset = load_coco(path, cfg.coco_images, synonyms=cfg.synonym_map, on_error=cfg.on_error)
@@ -70,6 +70,10 @@ def build_examples(cfg: TrainConfig) -> list[Example]:
         )
         skipped = len(dataset.issues)
         log.info("%s: %d images, classes %s, %d skipped", path, len(dataset.images), dataset.classes, skipped)
+    if cfg.segment_coco:
+        from finetune.segment_data import configured_examples
+
+        examples += configured_examples(cfg)
     for path in cfg.jsonl:
         examples += load_jsonl(path, on_error=cfg.on_error)
     for path in cfg.vqa:

@@ -118,7 +118,7 @@ def train_config(cfg: TransferConfig, new: Path, old: Path) -> TrainConfig:
     )
 
 
-def _train(run: TrainConfig, force: bool) -> dict[str, Any]:
+def train_cached(run: TrainConfig, force: bool) -> dict[str, Any]:
     """Train unless ``run.out`` already holds this exact run; returns its train_result.json."""
     from finetune.train import train, train_record
 
@@ -158,7 +158,7 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
     old = generate_cached(work / "old", cfg.old_images, cfg.old_seed, shapes=OLD)
     held = generate_cached(work / "heldout", cfg.heldout_images, cfg.heldout_seed, shapes=shapes)
     run = train_config(cfg, new, old)
-    result = _train(run, cfg.force)
+    result = train_cached(run, cfg.force)
     ship_adapter(Path(run.out) / "adapter", adapter, Path(cfg.base))
     merged = merge(MergeConfig(run=str(adapter), out=str(out / "merged"), dtype="float32"))
     heldout: DetectionSet = load_coco(held / "annotations.json")

@@ -21,7 +21,18 @@ def test_synth_command_writes_the_layout(tmp_path: Path) -> None:
 def test_every_command_is_there_and_documented() -> None:
     parser = build_parser()
     (commands,) = [a for a in parser._actions if a.dest == "command"]
-    expected = {"tiny", "random-like", "synth", "mask-codebook", "train", "merge", "eval", "demo", "lora-demo"}
+    expected = {
+        "tiny",
+        "random-like",
+        "synth",
+        "mask-codebook",
+        "train",
+        "merge",
+        "eval",
+        "demo",
+        "lora-demo",
+        "segment-demo",
+    }
     assert set(commands.choices) == expected  # type: ignore[arg-type]
     lora_help = commands.choices["lora-demo"].format_help()  # type: ignore[index]
     assert "--new-class" in lora_help and "--old-images" in lora_help and "--steps" in lora_help

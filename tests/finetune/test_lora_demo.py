@@ -23,7 +23,7 @@ from finetune.evaluate import open_engine
 from finetune.merge import merge
 from finetune.served import FORMS, served_forms
 from finetune.synth import generate_cached
-from finetune.transfer import OLD, TransferConfig, _train, run_transfer, train_config
+from finetune.transfer import OLD, TransferConfig, run_transfer, train_cached, train_config
 from paligemma.checkpoint import adapter_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -116,7 +116,7 @@ def test_the_recipe_runs_end_to_end_and_is_cached(
     trained = (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     new, old = Path(cfg.work) / "new", Path(cfg.work) / "old"
     with caplog.at_level(logging.INFO, logger="finetune.transfer"):
-        assert _train(train_config(cfg, new, old), force=False)["steps"] == 3
+        assert train_cached(train_config(cfg, new, old), force=False)["steps"] == 3
     assert "not training again" in caplog.text
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == trained
 

@@ -12,6 +12,8 @@ import pytest
 from PIL import Image
 from pycocotools import mask as mask_utils
 
+from finetune.__main__ import main
+from finetune.config import TrainConfig
 from finetune.data import DataError, detection_target
 from finetune.segment_data import (
     Segment,
@@ -21,6 +23,7 @@ from finetune.segment_data import (
     segment_examples,
     segment_target,
 )
+from finetune.train import build_examples
 from paligemma.mask_encoder import MaskEncoder, crop_resize
 from paligemma.parsing import parse_detections
 from paligemma.segmentation import write_random_weights
@@ -158,3 +161,30 @@ def test_a_bad_mask_is_an_issue_or_an_error(tmp_path: Path, bad: dict[str, Any],
     where = re.escape("instances.json:annotations[1] (id 101): ")
     with pytest.raises(DataError, match=f"{where}.*{re.escape(reason)}"):
         load_coco_segments(path, on_error="fail")
+
+
+def test_train_builds_segment_examples_from_segment_coco(three_formats: Path, tmp_path: Path) -> None:
+    """``--segment-coco`` with ``--segmentation-weights``: the same examples as :func:`segment_examples`,
+    beside the ``detect`` ones of ``--coco``; without the weights the config names the missing flag."""
+    weights = write_random_weights(tmp_path / "vae.npz", seed=3, encoder=True)
+    cfg = TrainConfig(
+        base="unused", out=str(tmp_path / "run"), coco=(str(three_formats),), segment_coco=(str(three_formats),),
+        segmentation_weights=str(weights), absent_per_image=0,
+    )  # fmt: skip
+    examples = build_examples(cfg)
+    segment = segment_examples(load_coco_segments(three_formats), MaskEncoder.from_npz(weights), absent_per_image=0)
+    assert [e for e in examples if e.prefix.startswith("segment")] == segment
+    assert sum(e.prefix.startswith("detect") for e in examples) == len(segment) == 3
+    with pytest.raises(ValueError, match="--segment-coco needs --segmentation-weights"):
+        TrainConfig(base="unused", out="x", segment_coco=(str(three_formats),))
+
+
+def test_train_cli_runs_on_segment_coco(tiny_checkpoint: Path, three_formats: Path, tmp_path: Path) -> None:
+    weights = write_random_weights(tmp_path / "vae.npz", seed=3, encoder=True)
+    out = tmp_path / "run"
+    main([
+        "train", "--base", str(tiny_checkpoint), "--out", str(out), "--segment-coco", str(three_formats),
+        "--segmentation-weights", str(weights), "--max-steps", "2", "--batch-size", "2", "--threads", "1",
+    ])  # fmt: skip
+    assert json.loads((out / "train_result.json").read_text())["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

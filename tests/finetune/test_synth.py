@@ -6,8 +6,12 @@ import hashlib
 import json
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from finetune.data import load_coco, load_vqa
-from finetune.synth import NUMBERS, generate
+from finetune.segment_data import decode_mask, load_coco_segments
+from finetune.synth import COLORS, NUMBERS, generate
 
 
 def _digest(root: Path) -> str:
@@ -54,3 +58,25 @@ def test_max_shapes_and_question_types(tmp_path: Path) -> None:
         (only,) = image.objects
         assert q.kind == "shape" and q.question == f"what shape is the {colors[image.image_id]} one?"
         assert q.answers == (only.label,)
+
+
+def test_masks_are_exactly_the_painted_pixels_and_load_as_segments(tmp_path: Path) -> None:
+    root = generate(tmp_path / "m", 12, seed=5, masks=True)
+    raw = json.loads((root / "annotations.json").read_text())
+    segments = load_coco_segments(root / "annotations.json", on_error="fail")
+    assert sum(len(im.objects) for im in segments.images) == len(raw["annotations"])
+    files = {im["id"]: im["file_name"] for im in raw["images"]}
+    for ann in raw["annotations"]:
+        pixels = np.asarray(Image.open(root / files[ann["image_id"]]).convert("RGB"))
+        mask = decode_mask(ann["segmentation"], 112, 112).astype(bool)
+        x, y, w, h = ann["bbox"]
+        inside = np.zeros_like(mask)
+        inside[y : y + h, x : x + w] = True
+        painted = (pixels == COLORS[ann["color"]]).all(axis=-1) & inside
+        assert mask.sum() > 0
+        assert np.array_equal(mask, painted), ann["id"]  # the mask is the shape, not its box
+
+
+def test_masks_are_off_by_default(tmp_path: Path) -> None:
+    raw = json.loads((generate(tmp_path / "d", 3, seed=5) / "annotations.json").read_text())
+    assert not any("segmentation" in ann for ann in raw["annotations"])

@@ -1,0 +1,304 @@
+"""Segmentation scores for ``python -m finetune eval --segmentation-weights``: mask IoU and mask mAP.
+
+Why a module of its own: a ``segment`` answer has to be decoded into masks exactly as the service's
+``/segment`` does it (same prompt, same grammar, same parse, same VQ-VAE decoder and paste), and scored
+against COCO masks, which :mod:`finetune.evaluate`'s box scoring knows nothing about.
+
+- :func:`predict_masks`: one ``segment <classes>`` request per image, constrained by the ``segment=True``
+  detection grammar over the classes (``/segment``'s default ``max_objects``, more if the budget fits more),
+  parsed from the token ids with ``/segment``'s label rule (an unlabelled object takes the class when one
+  class was asked, else is dropped), masks from :func:`paligemma.segmentation.attach_masks`: a prediction is
+  ``/segment``'s answer for the same ``max_new_tokens``. ``finetune`` may not import ``service.api``, so the
+  budget rule of ``service/api/segments.py`` is repeated: ``max(64, 22 * n + 8)`` tokens, ``n`` the larger of
+  the classes asked and the most ground-truth objects of those classes in one image (no 512 cap).
+- :func:`mask_scores`, ``mean_iou`` ("mean mask IoU with the ground truth"): over every ground-truth object
+  of the asked classes, in every image. In each image and class, ground-truth objects and predictions of that
+  class are paired one-to-one greedily: all pairs by mask IoU (full image, pycocotools ``iou``), highest
+  first, a pair taken when both are still free (scipy is not installed, so no Hungarian assignment; on
+  these small counts greedy rarely differs). A ground-truth object's score is the IoU of its pair; it is 0
+  when it has no pair or its pair has no mask (``mask`` None: no 16 ``<seg>`` tokens). ``mean_iou`` is the
+  mean of these scores (None without ground truth). Extra predictions do not lower it; mAP counts them.
+- ``mask_map`` / ``mask_map50``: pycocotools ``COCOeval(iouType="segm")`` AP@[.5:.95] and AP@0.5, ground
+  truth as the file's masks, detections as RLE with their scores; predictions without a mask are left out.
+  ``box_map50``: :func:`finetune.metrics.coco_map` on the predicted boxes, masks or not.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from finetune.data import Box, DetectionImage, DetectionSet
+from finetune.evaluate import PICTURE_SIDE
+from finetune.images import load_training_image
+from finetune.metrics import coco_map
+from finetune.segment_data import Segment, to_rle
+from paligemma import prompts
+from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_side
+from paligemma.grammar import DEFAULT_MAX_OBJECTS, GrammarSpec
+from paligemma.masks import encode_rle
+from paligemma.parsing import parse_detection_token_ids
+from paligemma.segmentation import MaskDecoder, attach_masks
+from paligemma.tokens import SpecialIds
+from service.engines.protocol import Engine, Generation, GenerationRequest
+
+log = logging.getLogger(__name__)
+TOKENS_PER_OBJECT = 22
+"""As ``service.api.segments``: 4 loc + 16 seg + a label token or two + ``" ;"``."""
+TOKENS_MARGIN = 8
+DEFAULT_MAX_NEW_TOKENS = 64
+"""The service's default ``max_new_tokens``, the least a ``segment`` request gets."""
+
+
+@dataclass(frozen=True)
+class PredictedMask:
+    """One object of a ``segment`` answer, in pixels of the image record (its ``width`` x ``height``)."""
+
+    label: str
+    box: tuple[float, float, float, float]
+    score: float
+    mask: np.ndarray | None
+    """bool ``[height, width]``; None when the object had no 16 ``<seg>`` tokens (or an empty pixel box)."""
+
+
+def segment_budget(dataset: DetectionSet, classes: Sequence[str]) -> int:
+    """``/segment``'s ``max_new_tokens`` rule for enough objects for every image of ``dataset``."""
+    most = max((sum(o.label in classes for o in im.objects) for im in dataset.images), default=0)
+    return max(DEFAULT_MAX_NEW_TOKENS, TOKENS_PER_OBJECT * max(len(classes), most) + TOKENS_MARGIN)
+
+
+async def predict_masks(
+    engine: Engine,
+    dataset: DetectionSet,
+    classes: Sequence[str],
+    decoder: MaskDecoder,
+    *,
+    max_new_tokens: int | None = None,
+    concurrency: int = 64,
+    adapter: str | None = None,
+) -> tuple[dict[int, list[PredictedMask]], list[str]]:
+    """One `segment <classes>` request per image (constrained as /segment is), decoded as /segment decodes;
+    returns predictions per image_id and every generated text (in dataset order) so two engines can be
+    compared token for token."""
+    names = list(dict.fromkeys(classes))
+    budget = max_new_tokens if max_new_tokens is not None else segment_budget(dataset, names)
+    tokenizer: Any = engine.tokenizer()
+    special = SpecialIds.from_tokenizer(tokenizer)
+    eos, most = int(tokenizer.eos_token_id), max(DEFAULT_MAX_OBJECTS, budget // TOKENS_PER_OBJECT)
+    grammar = GrammarSpec.build(tokenizer, special, eos, names, segment=True, max_objects=most, max_tokens=budget)
+    gate = asyncio.Semaphore(concurrency)
+    prefix = prompts.segment(names)
+
+    async def one(image: DetectionImage) -> Generation:
+        async with gate:  # images are read in turn, not all at once
+            pixels = load_training_image(image.path)
+            return await engine.generate(GenerationRequest(pixels, prefix, budget, adapter=adapter, grammar=grammar))
+
+    generations = await asyncio.gather(*(one(im) for im in dataset.images))
+
+    def decode(ids: list[int]) -> str:  # as service.api.detections.labelled_detections
+        return str(tokenizer.decode(ids, skip_special_tokens=True))
+
+    out: dict[int, list[PredictedMask]] = {}
+    for image, gen in zip(dataset.images, generations, strict=True):
+        parsed = parse_detection_token_ids(
+            gen.token_ids, image.width, image.height, special=special, decode=decode, logprobs=gen.logprobs
+        )
+        for det in parsed:
+            if det.label is None and len(names) == 1:
+                det.label = names[0]
+        kept = await asyncio.to_thread(
+            attach_masks, [d for d in parsed if d.label is not None], decoder, image.width, image.height
+        )
+        out[image.image_id] = [
+            PredictedMask(str(d.label), d.box, 1.0 if d.score is None else d.score, d.mask) for d in kept
+        ]
+    return out, [gen.text for gen in generations]
+
+
+def _truth(image: DetectionImage, classes: Sequence[str]) -> list[tuple[Segment, dict[str, Any]]]:
+    """The image's objects of ``classes`` with their COCO RLE (the file's mask, polygons merged)."""
+    found = []
+    for obj in image.objects:
+        if obj.label not in classes:
+            continue
+        if not isinstance(obj, Segment):
+            raise TypeError(f"object {obj} has no mask: load the data with finetune.segment_data.load_coco_segments")
+        found.append((obj, to_rle(obj.segmentation, image.width, image.height)))
+    return found
+
+
+def truth_masks(image: DetectionImage, classes: Sequence[str]) -> list[tuple[Segment, np.ndarray]]:
+    """The image's ground-truth objects of ``classes`` with their full-image bool masks (for pictures)."""
+    return [(obj, np.asarray(mask_utils.decode(rle), dtype=bool)) for obj, rle in _truth(image, classes)]
+
+
+def _rle(mask: np.ndarray, image: DetectionImage) -> dict[str, Any]:
+    if mask.shape != (image.height, image.width):
+        raise ValueError(f"mask of shape {mask.shape} for image {image.image_id} of {image.height}x{image.width}")
+    return dict(encode_rle(mask))
+
+
+def _matched_ious(preds: Sequence[dict[str, Any] | None], truth: Sequence[dict[str, Any]]) -> list[float]:
+    """Per ground-truth mask, the IoU of its greedy one-to-one partner (0 without one or without a mask):
+    every (prediction, truth) pair by IoU, highest first (ties: earlier prediction, then earlier truth)."""
+    iou = np.zeros((len(preds), len(truth)))
+    for row, rle in enumerate(preds):
+        if rle is not None and truth:
+            iou[row] = np.asarray(mask_utils.iou([rle], list(truth), [0] * len(truth)))[0]
+    best, used = [0.0] * len(truth), set()
+    for p, t in sorted(np.ndindex(*iou.shape), key=lambda pt: (-iou[pt], pt)):
+        if ("p", p) not in used and ("t", t) not in used:
+            best[t] = float(iou[p, t])
+            used |= {("p", p), ("t", t)}
+    return best
+
+
+def mask_scores(
+    dataset: DetectionSet, predictions: dict[int, list[PredictedMask]], classes: Sequence[str]
+) -> dict[str, Any]:
+    """{"mean_iou", "objects", "no_mask", "mask_map", "mask_map50", "box_map50", "per_class": {label:
+    {"mean_iou", "ap50"}}} (definitions: module docstring); also "predictions", the count scored."""
+    data = dataset.only(list(classes))
+    names = data.classes
+    category = {name: i + 1 for i, name in enumerate(names)}
+    per_object: dict[str, list[float]] = {name: [] for name in names}
+    gt: dict[str, Any] = {"info": {}, "images": [], "categories": [{"id": i, "name": n} for n, i in category.items()]}
+    gt["annotations"], results = [], []
+    no_mask = scored = 0
+    for image in data.images:
+        gt["images"].append({"id": image.image_id, "width": image.width, "height": image.height})
+        truth = _truth(image, names)
+        for obj, rle in truth:
+            x1, y1, x2, y2 = obj.box
+            ann: dict[str, Any] = {"id": len(gt["annotations"]) + 1, "image_id": image.image_id, "iscrowd": 0}
+            ann |= {"category_id": category[obj.label], "segmentation": rle, "area": float(mask_utils.area(rle))}
+            gt["annotations"].append(ann | {"bbox": [x1, y1, x2 - x1, y2 - y1]})
+        preds = [p for p in predictions.get(image.image_id, []) if p.label in category]
+        scored, no_mask = scored + len(preds), no_mask + sum(p.mask is None for p in preds)
+        rles = [None if p.mask is None else _rle(p.mask, image) for p in preds]
+        results += [
+            {"image_id": image.image_id, "category_id": category[p.label], "segmentation": rle, "score": p.score}
+            for p, rle in zip(preds, rles, strict=True)
+            if rle is not None
+        ]
+        for name in names:
+            mine = [rle for p, rle in zip(preds, rles, strict=True) if p.label == name]
+            per_object[name] += _matched_ious(mine, [rle for obj, rle in truth if obj.label == name])
+    segm = _segm_map(gt, results, names)
+    boxes = {i: [Box(p.label, p.box, p.score) for p in ps] for i, ps in predictions.items()}
+    every = [v for values in per_object.values() for v in values]
+    return {
+        "mean_iou": float(np.mean(every)) if every else None,
+        "objects": len(every),
+        "predictions": scored,
+        "no_mask": no_mask,
+        "mask_map": segm["map"],
+        "mask_map50": segm["map50"],
+        "box_map50": coco_map(data, boxes)["map_50"],
+        "per_class": {
+            n: {"mean_iou": float(np.mean(per_object[n])) if per_object[n] else None, "ap50": segm["ap50"][n]}
+            for n in names
+        },
+    }
+
+
+def _segm_map(gt_dict: dict[str, Any], results: list[dict[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """pycocotools ``segm`` AP@[.5:.95], AP@0.5 and AP@0.5 per class (0 without detections or truth)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    if not results or not gt_dict["annotations"]:
+        return {"map": 0.0, "map50": 0.0, "ap50": {n: 0.0 for n in names}}
+    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its tables
+        gt = COCO()
+        gt.dataset = gt_dict
+        gt.createIndex()
+        evaluator = COCOeval(gt, gt.loadRes(results), iouType="segm")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    precision = evaluator.eval["precision"]  # [iou, recall, class, area, max_dets]
+    ap50 = {}
+    for k, name in enumerate(names):
+        p = precision[0, :, k, 0, -1]
+        ap50[name] = float(np.mean(p[p > -1])) if (p > -1).any() else 0.0
+    return {"map": max(float(evaluator.stats[0]), 0.0), "map50": max(float(evaluator.stats[1]), 0.0), "ap50": ap50}
+
+
+def segment_picture(
+    image: Image.Image, truth: Sequence[tuple[Box, np.ndarray]], panels: dict[str, Sequence[PredictedMask]]
+) -> Image.Image:
+    """Ground-truth masks and boxes (green) beside each panel's predicted ones (blue, translucent), scaled up as
+    :func:`finetune.evaluate.comparison_picture` scales, masks by nearest neighbour."""
+    factor = max(1.0, PICTURE_SIDE / min(image.size))
+    size = (round(image.width * factor), round(image.height * factor))
+    big = image.resize(size, Image.Resampling.BICUBIC)
+
+    def scaled(label: str, box: Sequence[float], score: float, mask: np.ndarray | None) -> PredictedMask:
+        grown = mask if mask is None else Image.fromarray(mask.astype(bool)).resize(size, Image.Resampling.NEAREST)
+        box4 = (box[0] * factor, box[1] * factor, box[2] * factor, box[3] * factor)
+        return PredictedMask(label, box4, score, None if grown is None else np.asarray(grown))
+
+    truth_big = [scaled(o.label, o.box, 1.0, m) for o, m in truth]
+    drawn = [draw_detections(big, truth_big, color=GROUND_TRUTH, show_score=False)]
+    for preds in panels.values():
+        drawn.append(draw_detections(big, [scaled(p.label, p.box, p.score, p.mask) for p in preds], color=PREDICTION))
+    return side_by_side(drawn, titles=["ground truth", *panels])
+
+
+def _record(p: PredictedMask) -> dict[str, Any]:
+    mask = None if p.mask is None else encode_rle(p.mask)
+    return {"label": p.label, "box": list(p.box), "score": p.score, "mask": mask}
+
+
+async def segmentation_report(
+    engine: Engine,
+    dataset: DetectionSet,
+    weights: str | Path,
+    *,
+    out: str | Path | None = None,
+    pictures: int = 8,
+    concurrency: int = 64,
+    adapter: str | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``evaluate``'s segmentation part: the report section (mask_scores plus images, classes, budget and
+    pictures ``pictures/segment-NNN.png``) and the records for ``predictions.json`` (text and objects, RLE)."""
+    decoder = await asyncio.to_thread(MaskDecoder.from_npz, weights)
+    classes = list(dataset.classes)
+    preds, texts = await predict_masks(engine, dataset, classes, decoder, concurrency=concurrency, adapter=adapter)
+    section: dict[str, Any] = {"images": len(dataset.images), "classes": classes}
+    section |= {"max_new_tokens": segment_budget(dataset, classes), **mask_scores(dataset, preds, classes)}
+    iou, figures = section["mean_iou"], [section[k] for k in ("mask_map", "mask_map50", "box_map50")]
+    log.info(
+        "segmentation: mean mask IoU %s over %d objects (%d predictions without a mask); mask mAP %.3f, "
+        "mask mAP@0.5 %.3f, box mAP@0.5 %.3f",
+        "n/a" if iou is None else f"{iou:.3f}",
+        section["objects"],
+        section["no_mask"],
+        *figures,
+    )
+    records = {
+        str(im.image_id): {"text": text, "objects": [_record(p) for p in preds[im.image_id]]}
+        for im, text in zip(dataset.images, texts, strict=True)
+    }
+    if out is not None and pictures > 0:
+        folder = Path(out) / "pictures"
+        folder.mkdir(parents=True, exist_ok=True)
+        section["pictures"] = []
+        for i, image in enumerate(dataset.images[:pictures]):
+            panel = {f"segment ({engine.model_name})": preds[image.image_id]}
+            picture = segment_picture(load_training_image(image.path), truth_masks(image, classes), panel)
+            picture.save(folder / f"segment-{i:03d}.png")
+            section["pictures"].append(str(folder / f"segment-{i:03d}.png"))
+    return section, records
