@@ -176,8 +176,10 @@ def _checkpointing(cfg: TrainConfig, model: Any = None) -> bool:
 
 
 def train_record(cfg: TrainConfig) -> dict[str, Any]:
-    """What ``train_config.json`` records of a run: the config, with the base model's resolved path."""
-    return {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
+    """What ``train_config.json`` records of a run: the config, with the base model's resolved path (a full run
+    has no LoRA settings)."""
+    record = {**to_json(cfg), "base": str(Path(cfg.base).resolve())}
+    return {k: v for k, v in record.items() if cfg.method != "full" or not k.startswith("lora_")}
 
 
 def first_process() -> bool:

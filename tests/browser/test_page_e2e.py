@@ -13,6 +13,7 @@ model instead.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -43,14 +44,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a real ``python -m service`` process (stopped with SIGTERM afterwards)."""
-    model = os.environ.get("PALIGEMMA_E2E_MODEL") or str(request.getfixturevalue("demo_checkpoint"))
+@contextlib.contextmanager
+def _service(model: str, log: Path, *extra: str) -> Iterator[str]:
+    """Base URL of a real ``python -m service`` process serving ``model`` (stopped with SIGTERM afterwards)."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "service.log"
     command = [sys.executable, "-m", "service", "--model", model, "--engine", "transformers"]
-    command += ["--model-name", "demo", "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "24"]
+    command += ["--model-name", "demo", "--host", "127.0.0.1", "--port", str(port), "--max-new-tokens", "24", *extra]
     with log.open("wb") as out:
         process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -75,6 +74,27 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The demo model (or ``PALIGEMMA_E2E_MODEL``) in a real service process."""
+    model = os.environ.get("PALIGEMMA_E2E_MODEL") or str(request.getfixturevalue("demo_checkpoint"))
+    with _service(model, tmp_path_factory.mktemp("server") / "service.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def segmenting_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The shipped segmenting adapter (models/demo-segment), merged, with the shapes mask codebook."""
+    from finetune.config import MergeConfig
+    from finetune.merge import merge
+
+    folder = tmp_path_factory.mktemp("segmenting")
+    merged = merge(MergeConfig(run=str(ROOT / "models" / "demo-segment"), out=str(folder / "m"), dtype="float32"))
+    weights = str(ROOT / "models" / "shapes-vae" / "vae-shapes.npz")
+    with _service(str(merged), folder / "service.log", "--segmentation-weights", weights) as url:
+        yield url
 
 
 def _wait(driver: WebDriver, script: str, timeout: float = 60) -> Any:
@@ -116,3 +136,32 @@ def test_detect_from_the_page(browser: WebDriver, server: str, tmp_path: Path) -
     if not SCREENSHOT.is_file() or os.environ.get("PALIGEMMA_UPDATE_SCREENSHOT") == "1":
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(shot, SCREENSHOT)
+
+
+def test_segment_from_the_page_draws_the_masks(browser: WebDriver, segmenting_server: str, tmp_path: Path) -> None:
+    from finetune.synth import render
+
+    image, shapes = render(seed=23, index=0)  # a held-out image of the segmenting adapter's card
+    picture = tmp_path / "shapes.png"
+    image.save(picture)
+    objects = " ; ".join(sorted({s.kind for s in shapes}))
+    response = httpx.post(
+        f"{segmenting_server}/segment", files={"image": ("x.png", picture.read_bytes())}, data={"objects": objects}
+    )
+    response.raise_for_status()
+    masks = sum(d["mask"] is not None for d in response.json()["detections"])
+    assert masks >= 1, response.text
+
+    browser.get(f"{segmenting_server}/")
+    browser.find_element("id", "image-input").send_keys(str(picture))
+    _wait(browser, "return document.getElementById('overlay').dataset.state === 'image'")
+    browser.execute_script(
+        "const task = document.getElementById('task'); task.value = 'segment';task.dispatchEvent(new Event('change'));"
+    )
+    browser.find_element("id", "objects").send_keys(objects)
+    browser.find_element("id", "submit").click()
+    _wait(browser, "return ['drawn', 'error'].includes(document.getElementById('overlay').dataset.state)")
+    overlay = browser.execute_script("return Object.assign({}, document.getElementById('overlay').dataset)")
+    assert overlay["state"] == "drawn", browser.find_element("id", "error").text
+    assert int(overlay["masks"]) == masks
+    assert [e for e in browser.get_log("browser") if e["level"] == "SEVERE"] == []

@@ -1,7 +1,7 @@
-"""The shipped segmenting adapter (``models/demo-segment``, ``finetune.segment_demo``) and its recipe.
+"""The shipped segmenting model (``models/demo-segment``, ``finetune.segment_demo``) and its recipe.
 
-- Merged, it segments the card's held-out shapes as the card says (mean mask IoU within 0.02, and at least
-  0.7) on both engines, which answer token for token alike.
+- It segments the card's held-out shapes as the card says (mean mask IoU within 0.02; the base scores below
+  0.2, the finetuned model above 0.5) on both engines, which answer token for token alike.
 - ``/segment`` over real HTTP returns those masks: the same on both engines, and the same as the evaluation's.
 - The recipe runs end to end on the tiny checkpoint (a few steps) and, run again, does not retrain.
 """
@@ -19,16 +19,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from finetune.config import MergeConfig
 from finetune.data import DetectionSet
 from finetune.evaluate import open_engine
-from finetune.merge import merge
 from finetune.segment_data import load_coco_segments
 from finetune.segment_demo import FORMS, SegmentDemoConfig, run_segment_demo, served_scores, train_config
 from finetune.segment_eval import predict_masks
 from finetune.synth import DEFAULT_SHAPES, generate_cached
 from finetune.transfer import train_cached
-from paligemma.checkpoint import adapter_base
 from paligemma.segmentation import MaskDecoder
 from service.app import create_app
 from tests.integration.conftest import vllm_settings
@@ -37,16 +34,16 @@ from tests.service.conftest import make_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 REPO = Path(__file__).resolve().parents[2]
-ADAPTER = REPO / "models" / "demo-segment"
+MODEL = REPO / "models" / "demo-segment"
 HTTP_IMAGES = 12
 """Held-out images also sent to ``/segment`` over HTTP on each engine."""
 
 
 @pytest.fixture(scope="module")
 def card() -> dict[str, Any]:
-    if not (ADAPTER / "adapter_model.safetensors").is_file():
-        pytest.fail(f"{ADAPTER} holds no adapter_model.safetensors: it is committed with the repository")
-    return dict(json.loads((ADAPTER / "report.json").read_text()))
+    if not (MODEL / "model.safetensors").is_file():
+        pytest.fail(f"{MODEL} holds no model.safetensors: it is committed with the repository")
+    return dict(json.loads((MODEL / "report.json").read_text()))
 
 
 @pytest.fixture(scope="module")
@@ -61,28 +58,19 @@ def held(tmp_path_factory: pytest.TempPathFactory, recipe: SegmentDemoConfig) ->
     return generate_cached(folder, recipe.heldout_images, recipe.heldout_seed, masks=True)
 
 
-@pytest.fixture(scope="module")
-def merged(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return merge(MergeConfig(run=str(ADAPTER), out=str(tmp_path_factory.mktemp("merged") / "m"), dtype="float32"))
-
-
-def test_the_shipped_adapter_finds_its_base_in_any_clone(demo_checkpoint: Path) -> None:
-    assert adapter_base(ADAPTER) == str(demo_checkpoint.resolve())
-
-
-def test_merged_it_segments_as_its_card_says_on_both_engines(
-    recipe: SegmentDemoConfig, merged: Path, held: Path, card: dict[str, Any]
+def test_it_segments_as_its_card_says_on_both_engines(
+    recipe: SegmentDemoConfig, held: Path, card: dict[str, Any]
 ) -> None:
     cfg = SegmentDemoConfig(**{**vars(recipe), "base": str(REPO / recipe.base)})
     cfg.segmentation_weights = str(REPO / recipe.segmentation_weights)
-    found = asyncio.run(served_scores(cfg, merged, held))
+    found = asyncio.run(served_scores(cfg, MODEL, held))
     claimed = card["heldout"]["forms"]
     for form in FORMS:
         assert found["forms"][form]["mean_iou"] == pytest.approx(claimed[form]["mean_iou"], abs=0.02), form
         assert found["forms"][form]["mask_map50"] == pytest.approx(claimed[form]["mask_map50"], abs=0.02), form
     assert found["same_text_engines"] == found["images"] == recipe.heldout_images
-    assert found["forms"]["merged (vLLM)"]["mean_iou"] >= 0.7
-    assert found["forms"]["base (transformers)"]["mean_iou"] < 0.2  # it learned to segment here
+    forms = found["forms"]
+    assert forms["base (transformers)"]["mean_iou"] < 0.2 < 0.5 < forms["finetuned (vLLM)"]["mean_iou"]  # learned here
 
 
 def _http_masks(settings: Any, heldout: DetectionSet) -> list[list[tuple[str, np.ndarray | None]]]:
@@ -111,16 +99,16 @@ def few(held: Path) -> DetectionSet:
 
 
 def test_segment_over_http_returns_the_evaluated_masks_on_both_engines(
-    merged: Path, few: DetectionSet, recipe: SegmentDemoConfig
+    few: DetectionSet, recipe: SegmentDemoConfig
 ) -> None:
     weights = REPO / recipe.segmentation_weights
     served = {
-        "transformers": _http_masks(make_settings(merged, segmentation_weights=weights, max_new_tokens_limit=128), few),
-        "vllm": _http_masks(vllm_settings(merged, None, segmentation_weights=weights), few),
+        "transformers": _http_masks(make_settings(MODEL, segmentation_weights=weights, max_new_tokens_limit=128), few),
+        "vllm": _http_masks(vllm_settings(MODEL, None, segmentation_weights=weights), few),
     }
 
     async def evaluated() -> dict[int, Any]:
-        async with open_engine(merged) as engine:
+        async with open_engine(MODEL) as engine:
             return (await predict_masks(engine, few, list(DEFAULT_SHAPES), MaskDecoder.from_npz(weights)))[0]
 
     predictions = asyncio.run(evaluated())
@@ -140,7 +128,7 @@ def test_the_recipe_runs_end_to_end_and_is_cached(
     cfg = SegmentDemoConfig(
         base=str(tiny_checkpoint),
         segmentation_weights=str(REPO / "models" / "shapes-vae" / "vae-shapes.npz"),
-        adapter=str(tmp_path / "adapter"),
+        model=str(tmp_path / "model"),
         out=str(tmp_path / "out"),
         work=str(tmp_path / "work"),
         train_images=8,
@@ -154,11 +142,12 @@ def test_the_recipe_runs_end_to_end_and_is_cached(
     report = run_segment_demo(cfg)
     assert report["train"]["steps"] == 3
     assert set(report["heldout"]["forms"]) == set(FORMS)
-    assert adapter_base(cfg.adapter) == str(tiny_checkpoint.resolve())
-    card = (tmp_path / "adapter" / "README.md").read_text()
-    assert "| merged (vLLM) |" in card and "mean mask IoU" in card
-    trained = (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
+    card = (tmp_path / "model" / "README.md").read_text()
+    assert "| finetuned (vLLM) |" in card and "mean mask IoU" in card
+    assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert len(list((tmp_path / "out" / "pictures").glob("0*.png"))) == 2
+    trained = (tmp_path / "work" / "run" / "model" / "model.safetensors").stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="finetune.transfer"):
         assert train_cached(train_config(cfg, Path(cfg.work) / "train"), force=False)["steps"] == 3
     assert "not training again" in caplog.text
-    assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == trained
+    assert (tmp_path / "work" / "run" / "model" / "model.safetensors").stat().st_mtime_ns == trained

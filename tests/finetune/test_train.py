@@ -98,7 +98,7 @@ def test_qlora_without_a_gpu_says_so(tiny_checkpoint: Path, shapes: Path, tmp_pa
     ("overrides", "message"),
     [
         ({"base": ""}, "--base is required"),
-        ({"vqa": ()}, "no training data: give --coco, --jsonl or --vqa"),
+        ({"vqa": ()}, "no training data: give --coco, --segment-coco, --jsonl or --vqa"),
         ({"method": "prefix"}, "--method must be lora, qlora or full"),
         ({"batch_size": 0}, "--batch-size must be >= 1"),
         ({"max_minutes": 0.0}, "--max-minutes must be positive"),
