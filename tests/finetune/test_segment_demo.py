@@ -23,7 +23,7 @@ from finetune.data import DetectionSet
 from finetune.evaluate import open_engine
 from finetune.segment_data import load_coco_segments
 from finetune.segment_demo import FORMS, SegmentDemoConfig, run_segment_demo, served_scores, train_config
-from finetune.segment_eval import predict_masks
+from finetune.segment_eval import predict_masks, segment_budget
 from finetune.synth import DEFAULT_SHAPES, generate_cached
 from finetune.transfer import train_cached
 from paligemma.segmentation import MaskDecoder
@@ -74,12 +74,14 @@ def test_it_segments_as_its_card_says_on_both_engines(
 
 
 def _http_masks(settings: Any, heldout: DetectionSet) -> list[list[tuple[str, np.ndarray | None]]]:
-    """Each image's ``/segment`` detections as (label, full-image mask) from a real server."""
+    """Each image's ``/segment`` detections as (label, full-image mask) from a real server, with the token budget
+    the evaluation gives (room for the most objects of any image, not ``/segment``'s one per class asked)."""
+    budget = segment_budget(heldout, DEFAULT_SHAPES)
     found = []
     with _Server(create_app(settings)) as server:
         for image in heldout.images:
             files = {"image": (image.path.name, image.path.read_bytes(), "image/png")}
-            data = {"objects": " ; ".join(DEFAULT_SHAPES)}
+            data = {"objects": " ; ".join(DEFAULT_SHAPES), "max_new_tokens": str(budget)}
             response = httpx.post(f"{server.url}/segment", files=files, data=data, timeout=300)
             assert response.status_code == 200, response.text
             found.append(
