@@ -22,9 +22,10 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-TOLERANCE = 1e-6
-"""Largest weight difference accepted between 1 and 2 processes. Seen: 1.5e-8 (float summation order);
-the per-rank shuffle gives 1e-2, on weights of about 0.1."""
+TOLERANCE = 1e-5
+"""Largest weight difference accepted between 1 and 2 processes. Seen: 1.5e-8 (float summation order) on
+one CPU, 1.9e-6 on an AMD EPYC (other kernels, same code); the per-rank shuffle gives 1e-2, on weights of
+about 0.1."""
 
 
 def _run(launcher: list[str], args: list[str]) -> subprocess.CompletedProcess[str]:
