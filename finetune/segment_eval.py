@@ -8,8 +8,8 @@ against COCO masks, which :mod:`finetune.evaluate`'s box scoring knows nothing a
   detection grammar over the classes (``/segment``'s default ``max_objects``, more if the budget fits more),
   parsed from the token ids with ``/segment``'s label rule (an unlabelled object takes the class when one
   class was asked, else is dropped), masks from :func:`paligemma.segmentation.attach_masks`: a prediction is
-  ``/segment``'s answer for the same ``max_new_tokens``. ``finetune`` may not import ``service.api``, so the
-  budget rule of ``service/api/segments.py`` is repeated: ``max(64, 22 * n + 8)`` tokens, ``n`` the larger of
+  ``/segment``'s answer for the same ``max_new_tokens``. The budget is ``/segment``'s rule
+  (:func:`paligemma.segmentation.answer_tokens`, at least 64): ``22 * n + 8`` tokens, ``n`` the larger of
   the classes asked and the most ground-truth objects of those classes in one image (no 512 cap).
 - :func:`mask_scores`, ``mean_iou`` ("mean mask IoU with the ground truth"): over every ground-truth object
   of the asked classes, in every image. In each image and class, ground-truth objects and predictions of that
@@ -48,14 +48,11 @@ from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_si
 from paligemma.grammar import DEFAULT_MAX_OBJECTS, GrammarSpec
 from paligemma.masks import encode_rle
 from paligemma.parsing import parse_detection_token_ids
-from paligemma.segmentation import MaskDecoder, attach_masks
+from paligemma.segmentation import TOKENS_PER_OBJECT, MaskDecoder, answer_tokens, attach_masks
 from paligemma.tokens import SpecialIds
 from service.engines.protocol import Engine, Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
-TOKENS_PER_OBJECT = 22
-"""As ``service.api.segments``: 4 loc + 16 seg + a label token or two + ``" ;"``."""
-TOKENS_MARGIN = 8
 DEFAULT_MAX_NEW_TOKENS = 64
 """The service's default ``max_new_tokens``, the least a ``segment`` request gets."""
 
@@ -74,7 +71,7 @@ class PredictedMask:
 def segment_budget(dataset: DetectionSet, classes: Sequence[str]) -> int:
     """``/segment``'s ``max_new_tokens`` rule for enough objects for every image of ``dataset``."""
     most = max((sum(o.label in classes for o in im.objects) for im in dataset.images), default=0)
-    return max(DEFAULT_MAX_NEW_TOKENS, TOKENS_PER_OBJECT * max(len(classes), most) + TOKENS_MARGIN)
+    return max(DEFAULT_MAX_NEW_TOKENS, answer_tokens(max(len(classes), most)))
 
 
 async def predict_masks(

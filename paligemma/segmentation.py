@@ -53,6 +53,16 @@ CODEBOOK_KEY = "_vq_vae._embedding"
 MASK_SIZE = 64
 GRID = 4  # 16 tokens = a 4x4 grid; four doublings give 64x64
 DEFAULT_EMBEDDING_DIM = 512  # only for write_random_weights; a real file's D is read from it
+TOKENS_PER_OBJECT = 22
+"""Generation budget per object of a ``segment`` answer: 4 loc + 16 seg + a label token or two + ``" ;"``."""
+TOKENS_MARGIN = 8
+
+
+def answer_tokens(num_objects: int) -> int:
+    """Tokens enough for a ``segment`` answer of ``num_objects`` objects (``/segment``'s budget rule)."""
+    return TOKENS_PER_OBJECT * num_objects + TOKENS_MARGIN
+
+
 _WIDTH = 128
 _UPSAMPLE = (128, 128, 64, 32, 16)  # in/out channels of decoder.4, .6, .8, .10
 _DOWNSAMPLE = (1, 16, 32, 64, 128)  # in/out channels of encoder.0, .2, .4, .6 (the decoder mirrored)

@@ -18,7 +18,14 @@ from typing import Any
 from paligemma import Detection as ParsedDetection
 from paligemma import SpecialIds
 from paligemma.masks import mask_to_json
-from paligemma.segmentation import WEIGHTS_ENV, WEIGHTS_FLAG, WEIGHTS_HTTPS_URL, MaskDecoder, attach_masks
+from paligemma.segmentation import (
+    WEIGHTS_ENV,
+    WEIGHTS_FLAG,
+    WEIGHTS_HTTPS_URL,
+    MaskDecoder,
+    answer_tokens,
+    attach_masks,
+)
 from service.api.detections import labelled_detections, to_response
 from service.api.schemas import Mask, SegmentDetection
 from service.engines.protocol import Generation
@@ -26,10 +33,6 @@ from service.errors import ServiceError
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
-
-TOKENS_PER_OBJECT = 22
-"""4 loc + 16 seg + a label token or two + the ``" ;"`` separator."""
-TOKENS_MARGIN = 8
 
 
 class SegmentationNotConfigured(ServiceError):
@@ -62,7 +65,7 @@ async def load_mask_decoder(settings: Settings) -> MaskDecoder | None:
 
 def default_max_new_tokens(num_objects: int, default: int, limit: int) -> int:
     """Enough tokens for one mask per object (and at least the server default), within ``limit``."""
-    return min(limit, max(default, TOKENS_PER_OBJECT * num_objects + TOKENS_MARGIN))
+    return min(limit, max(default, answer_tokens(num_objects)))
 
 
 def build_segments(

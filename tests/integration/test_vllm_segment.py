@@ -17,9 +17,9 @@ import pytest
 from PIL import Image
 
 from paligemma import SpecialIds
-from paligemma.segmentation import MaskDecoder
+from paligemma.segmentation import TOKENS_MARGIN, TOKENS_PER_OBJECT, MaskDecoder
 from service.api.schemas import SegmentResponse
-from service.api.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
+from service.api.segments import build_segments
 from service.app import create_app
 from service.engines.protocol import Generation
 from tests.integration.conftest import vllm_settings

@@ -19,9 +19,16 @@ from fastapi.testclient import TestClient
 from pycocotools import mask as coco_mask
 
 from paligemma import SpecialIds
-from paligemma.segmentation import MaskDecoder, paste_mask, pixel_box, write_random_weights
+from paligemma.segmentation import (
+    TOKENS_MARGIN,
+    TOKENS_PER_OBJECT,
+    MaskDecoder,
+    paste_mask,
+    pixel_box,
+    write_random_weights,
+)
 from service.api.schemas import SegmentResponse
-from service.api.segments import TOKENS_MARGIN, TOKENS_PER_OBJECT, build_segments
+from service.api.segments import build_segments
 from service.app import create_app
 from service.engines.protocol import Generation
 from tests.service.conftest import image_bytes, make_settings
