@@ -3,7 +3,7 @@
 Commands: ``tiny`` (a tiny random PaliGemma), ``random-like`` (random weights, a released architecture),
 ``synth`` (synthetic shapes data), ``mask-codebook`` (a mask VQ-VAE trained on the shapes), ``train``,
 ``merge``, ``eval``, ``demo`` (the CPU quality benchmark), ``lora-demo`` (a new class taught with LoRA) and
-``segment-demo`` (segmentation taught with LoRA).
+``segment-demo`` (the demo model finetuned to segment).
 Each command's flags are generated from its dataclass config in :mod:`finetune.config` (or
 :class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the same
 documentation as the Python API.
@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     from finetune.segment_demo import SegmentDemoConfig
 
     segment_demo = commands.add_parser(
-        "segment-demo", help="teach the demo model to segment with LoRA, merge, and score it on both engines"
+        "segment-demo", help="finetune the demo model to segment and score it on both engines"
     )
     add_arguments(segment_demo, SegmentDemoConfig)
     segment_demo.set_defaults(func=_segment_demo)
