@@ -53,6 +53,10 @@ class DataConfig:
     """Absent classes sampled per detection image, each a 'detect <class>' prompt with an empty target."""
     prompt_style: Literal["multi", "per_class"] = "multi"
     """multi: one 'detect a ; b' prompt per image (present + absent classes); per_class: one per class."""
+    segment_prompt_style: Literal["multi", "per_class"] = "per_class"
+    """The same for --segment-coco's 'segment' prompts. per_class (one class per prompt, as big_vision's
+    segmentation data asks one object per prompt) keeps answers short: a small model loses its boxes after a
+    few 20-token objects (the demo: mean mask IoU 0.564 multi, see finetune/segment_demo.py)."""
     loc_stride: int = 1
     """Round box loc indices to multiples of this (1 = exact; >1 helps tiny from-scratch models, see data.py)."""
     synonyms: tuple[str, ...] = ()
@@ -251,6 +255,8 @@ class EvalConfig:
     then limited to them."""
     classes_per_prompt: int = 0
     """Classes asked per detect prompt (0: all in one prompt, as trained with --prompt-style multi)."""
+    segment_classes_per_prompt: int = 1
+    """Classes asked per segment prompt (1: one, as trained with --segment-prompt-style per_class; 0: all)."""
     limit: int | None = None
     """Use only the first N images / questions."""
     pictures: int = 8

@@ -203,11 +203,13 @@ async def evaluate(
     concurrency: int = 64,
     adapter: str | None = None,
     segmentation_weights: str | Path | None = None,
+    segment_classes_per_prompt: int = 1,
 ) -> dict[str, Any]:
     """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures.
     ``adapter``: the LoRA adapter every detection request selects (None: the engine's model itself).
     ``segmentation_weights`` (a mask VQ-VAE): ``segment`` prompts too, beside ``detect``, on the same set
-    (loaded with masks: ``finetune.segment_data.load_coco_segments``); see :mod:`finetune.segment_eval`."""
+    (loaded with masks: ``finetune.segment_data.load_coco_segments``), ``segment_classes_per_prompt`` classes
+    per prompt (0: all in one); see :mod:`finetune.segment_eval`."""
     start = time.monotonic()
     report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name, "adapter": adapter}
     records: dict[str, Any] = {}
@@ -234,6 +236,7 @@ async def evaluate(
             engine,
             detection,
             segmentation_weights,
+            classes_per_prompt=segment_classes_per_prompt,
             out=out,
             pictures=pictures,
             concurrency=concurrency,

@@ -193,10 +193,10 @@ def segment_examples(
     absent_per_image: int = 1,
     seed: int = 0,
     loc_stride: int = 1,
-    prompt_style: Literal["multi", "per_class"] = "multi",
+    prompt_style: Literal["multi", "per_class"] = "per_class",
 ) -> list[Example]:
     """``segment <classes>`` prompts chosen as ``detect`` ones are (:func:`finetune.data.prompt_groups`), with
-    segmentation targets."""
+    segmentation targets; one class per prompt unless ``prompt_style="multi"`` (``DataConfig.segment_prompt_style``)."""
     codes = SegmentCodes(encoder) if isinstance(encoder, MaskEncoder) else encoder
     codes.prepare(dataset.images)  # one batched pass over every mask before any target is written
     return [
@@ -217,7 +217,7 @@ def configured_examples(cfg: TrainConfig) -> list[Example]:
             cfg.absent_per_image,
             seed=cfg.seed + i,
             loc_stride=cfg.loc_stride,
-            prompt_style=cfg.prompt_style,
+            prompt_style=cfg.segment_prompt_style,
         )
         masks = sum(len(image.objects) for image in dataset.images)
         log.info(

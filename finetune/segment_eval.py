@@ -4,7 +4,8 @@ Why a module of its own: a ``segment`` answer has to be decoded into masks exact
 ``/segment`` does it (same prompt, same grammar, same parse, same VQ-VAE decoder and paste), and scored
 against COCO masks, which :mod:`finetune.evaluate`'s box scoring knows nothing about.
 
-- :func:`predict_masks`: one ``segment <classes>`` request per image, constrained by the ``segment=True``
+- :func:`predict_masks`: one ``segment <classes>`` request per image (or per group of ``classes_per_prompt``
+  classes: ``1`` for a model trained with ``segment_prompt_style="per_class"``), constrained by the ``segment=True``
   detection grammar over the classes (``/segment``'s default ``max_objects``, more if the budget fits more),
   parsed from the token ids with ``/segment``'s label rule (an unlabelled object takes the class when one
   class was asked, else is dropped), masks from :func:`paligemma.segmentation.attach_masks`: a prediction is
@@ -80,26 +81,33 @@ async def predict_masks(
     classes: Sequence[str],
     decoder: MaskDecoder,
     *,
+    classes_per_prompt: int = 0,
     max_new_tokens: int | None = None,
     concurrency: int = 64,
     adapter: str | None = None,
 ) -> tuple[dict[int, list[PredictedMask]], list[str]]:
-    """One `segment <classes>` request per image (constrained as /segment is), decoded as /segment decodes;
-    returns predictions per image_id and every generated text (in dataset order) so two engines can be
-    compared token for token."""
+    """One `segment <classes>` request per image and group of ``classes_per_prompt`` classes (0: all in one),
+    constrained and decoded as /segment does; returns predictions per image_id and every generated text (image
+    by image, group by group) so two engines can be compared token for token."""
     names = list(dict.fromkeys(classes))
-    budget = max_new_tokens if max_new_tokens is not None else segment_budget(dataset, names)
+    size = classes_per_prompt if classes_per_prompt > 0 else max(1, len(names))
+    groups = [names[i : i + size] for i in range(0, len(names), size)]
     tokenizer: Any = engine.tokenizer()
     special = SpecialIds.from_tokenizer(tokenizer)
-    eos, most = int(tokenizer.eos_token_id), max(DEFAULT_MAX_OBJECTS, budget // TOKENS_PER_OBJECT)
-    grammar = GrammarSpec.build(tokenizer, special, eos, names, segment=True, max_objects=most, max_tokens=budget)
+    eos = int(tokenizer.eos_token_id)
+    asks: list[tuple[str, int, GrammarSpec]] = []
+    for group in groups:
+        budget = max_new_tokens if max_new_tokens is not None else segment_budget(dataset, group)
+        most = max(DEFAULT_MAX_OBJECTS, budget // TOKENS_PER_OBJECT)
+        grammar = GrammarSpec.build(tokenizer, special, eos, group, segment=True, max_objects=most, max_tokens=budget)
+        asks.append((prompts.segment(group), budget, grammar))
     gate = asyncio.Semaphore(concurrency)
-    prefix = prompts.segment(names)
 
-    async def one(image: DetectionImage) -> Generation:
+    async def one(image: DetectionImage) -> list[Generation]:
         async with gate:  # images are read in turn, not all at once
             pixels = load_training_image(image.path)
-            return await engine.generate(GenerationRequest(pixels, prefix, budget, adapter=adapter, grammar=grammar))
+            requests = [GenerationRequest(pixels, prefix, n, adapter=adapter, grammar=g) for prefix, n, g in asks]
+            return list(await asyncio.gather(*(engine.generate(r) for r in requests)))
 
     generations = await asyncio.gather(*(one(im) for im in dataset.images))
 
@@ -107,20 +115,21 @@ async def predict_masks(
         return str(tokenizer.decode(ids, skip_special_tokens=True))
 
     out: dict[int, list[PredictedMask]] = {}
-    for image, gen in zip(dataset.images, generations, strict=True):
-        parsed = parse_detection_token_ids(
-            gen.token_ids, image.width, image.height, special=special, decode=decode, logprobs=gen.logprobs
-        )
-        for det in parsed:
-            if det.label is None and len(names) == 1:
-                det.label = names[0]
-        kept = await asyncio.to_thread(
-            attach_masks, [d for d in parsed if d.label is not None], decoder, image.width, image.height
-        )
+    for image, answers in zip(dataset.images, generations, strict=True):
+        parsed = []
+        for group, gen in zip(groups, answers, strict=True):
+            found = parse_detection_token_ids(
+                gen.token_ids, image.width, image.height, special=special, decode=decode, logprobs=gen.logprobs
+            )
+            for det in found:
+                if det.label is None and len(group) == 1:
+                    det.label = group[0]
+            parsed += [d for d in found if d.label is not None]
+        kept = await asyncio.to_thread(attach_masks, parsed, decoder, image.width, image.height)
         out[image.image_id] = [
             PredictedMask(str(d.label), d.box, 1.0 if d.score is None else d.score, d.mask) for d in kept
         ]
-    return out, [gen.text for gen in generations]
+    return out, [gen.text for answers in generations for gen in answers]
 
 
 def _truth(image: DetectionImage, classes: Sequence[str]) -> list[tuple[Segment, dict[str, Any]]]:
@@ -264,6 +273,7 @@ async def segmentation_report(
     dataset: DetectionSet,
     weights: str | Path,
     *,
+    classes_per_prompt: int = 1,
     out: str | Path | None = None,
     pictures: int = 8,
     concurrency: int = 64,
@@ -273,9 +283,21 @@ async def segmentation_report(
     pictures ``pictures/segment-NNN.png``) and the records for ``predictions.json`` (text and objects, RLE)."""
     decoder = await asyncio.to_thread(MaskDecoder.from_npz, weights)
     classes = list(dataset.classes)
-    preds, texts = await predict_masks(engine, dataset, classes, decoder, concurrency=concurrency, adapter=adapter)
-    section: dict[str, Any] = {"images": len(dataset.images), "classes": classes}
-    section |= {"max_new_tokens": segment_budget(dataset, classes), **mask_scores(dataset, preds, classes)}
+    preds, texts = await predict_masks(
+        engine,
+        dataset,
+        classes,
+        decoder,
+        classes_per_prompt=classes_per_prompt,
+        concurrency=concurrency,
+        adapter=adapter,
+    )
+    section: dict[str, Any] = {
+        "images": len(dataset.images),
+        "classes": classes,
+        "classes_per_prompt": classes_per_prompt,
+    }
+    section |= mask_scores(dataset, preds, classes)
     iou, figures = section["mean_iou"], [section[k] for k in ("mask_map", "mask_map50", "box_map50")]
     log.info(
         "segmentation: mean mask IoU %s over %d objects (%d predictions without a mask); mask mAP %.3f, "
@@ -285,9 +307,13 @@ async def segmentation_report(
         section["no_mask"],
         *figures,
     )
+    per_image = len(texts) // max(1, len(dataset.images))  # one text per prompt, image by image
     records = {
-        str(im.image_id): {"text": text, "objects": [_record(p) for p in preds[im.image_id]]}
-        for im, text in zip(dataset.images, texts, strict=True)
+        str(im.image_id): {
+            "texts": texts[i * per_image : (i + 1) * per_image],
+            "objects": [_record(p) for p in preds[im.image_id]],
+        }
+        for i, im in enumerate(dataset.images)
     }
     if out is not None and pictures > 0:
         folder = Path(out) / "pictures"

@@ -128,7 +128,7 @@ def test_examples_use_segment_prompts_and_batched_codes(three_formats: Path, enc
     assert [e.prefix for e in first] == ["segment triangle", "segment square", "segment disk"]
     assert first[2].suffix == ""  # absent class: the model learns to answer nothing
     assert first[1].suffix == segment_target(data.images[0], ["square"], encoder)
-    multi = segment_examples(data, encoder, absent_per_image=0)
+    multi = segment_examples(data, encoder, absent_per_image=0, prompt_style="multi")
     assert {e.prefix for e in multi if e.image == data.images[0].path} <= {
         "segment triangle ; square",
         "segment square ; triangle",
@@ -172,9 +172,12 @@ def test_train_builds_segment_examples_from_segment_coco(three_formats: Path, tm
         segmentation_weights=str(weights), absent_per_image=0,
     )  # fmt: skip
     examples = build_examples(cfg)
-    segment = segment_examples(load_coco_segments(three_formats), MaskEncoder.from_npz(weights), absent_per_image=0)
+    data = load_coco_segments(three_formats)
+    segment = segment_examples(data, MaskEncoder.from_npz(weights), absent_per_image=0)
     assert [e for e in examples if e.prefix.startswith("segment")] == segment
-    assert sum(e.prefix.startswith("detect") for e in examples) == len(segment) == 3
+    assert sum(e.prefix.startswith("detect") for e in examples) == 3  # detect: all classes in one prompt
+    assert len(segment) == sum(len({o.label for o in im.objects}) for im in data.images)  # segment: one class each
+    assert all(" ; " not in e.prefix for e in segment)
     with pytest.raises(ValueError, match="--segment-coco needs --segmentation-weights"):
         TrainConfig(base="unused", out="x", segment_coco=(str(three_formats),))
 

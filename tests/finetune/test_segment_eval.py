@@ -124,48 +124,66 @@ class Recording:
         return getattr(self.engine, name)
 
 
-def _same_as_segment_endpoint(engine: Recording, data: DetectionSet, preds: dict[int, list[PredictedMask]]) -> None:
-    """Each request carries /segment's grammar and budget, and its answer decodes to /segment's detections."""
+def _asked(request: GenerationRequest) -> list[str]:
+    return request.prefix.removeprefix("segment ").split(" ; ")
+
+
+def _same_as_segment_endpoint(
+    engine: Recording, data: DetectionSet, preds: dict[int, list[PredictedMask]], groups: list[list[str]]
+) -> None:
+    """Each request carries /segment's grammar and budget for its classes, and the answers of an image decode,
+    group after group, to /segment's detections for those classes."""
     from service.api.segments import build_segments, default_max_new_tokens
 
     tokenizer = engine.tokenizer()
     special = SpecialIds.from_tokenizer(tokenizer)
     decoder = MaskDecoder.from_npz(VAE)
-    most = max(len(im.objects) for im in data.images)
     by_pixels = {np.asarray(Image.open(im.path).convert("RGB")).tobytes(): im for im in data.images}
-    assert len(engine.calls) == len(data.images)
+    assert sorted(_asked(r) for r, _ in engine.calls) == sorted(groups * len(data.images))
+    served: dict[int, dict[str, list[Any]]] = {im.image_id: {} for im in data.images}
     for request, generation in engine.calls:
-        budget = default_max_new_tokens(max(len(CLASSES), most), 64, 10**6)
-        grammar = GrammarSpec.build(
-            tokenizer, special, tokenizer.eos_token_id, CLASSES, segment=True, max_tokens=budget
-        )
+        group = _asked(request)
+        most = max(sum(o.label in group for o in im.objects) for im in data.images)
+        budget = default_max_new_tokens(max(len(group), most), 64, 10**6)
+        grammar = GrammarSpec.build(tokenizer, special, tokenizer.eos_token_id, group, segment=True, max_tokens=budget)
         assert (request.prefix, request.max_new_tokens, request.grammar) == (
-            "segment circle ; square ; triangle",
+            f"segment {' ; '.join(group)}",
             budget,
             grammar,
         )
         image = by_pixels[np.asarray(request.image).tobytes()]
-        _, parsed, _ = build_segments(generation, image.width, image.height, CLASSES, special, tokenizer, decoder)
+        _, parsed, _ = build_segments(generation, image.width, image.height, group, special, tokenizer, decoder)
+        served[image.image_id][" ; ".join(group)] = parsed
+    for image in data.images:
         ours = preds[image.image_id]
+        parsed = [d for group in groups for d in served[image.image_id][" ; ".join(group)]]
         assert [(p.label, p.box, p.score) for p in ours] == [(d.label, d.box, d.score) for d in parsed]
         for p, d in zip(ours, parsed, strict=True):
             assert (p.mask is None) == (d.mask is None) and np.array_equal(np.asarray(p.mask), np.asarray(d.mask))
 
 
-def test_oracle_answers_score_near_the_codebook_round_trip(demo_checkpoint: Path, shapes_with_masks: Path) -> None:
+@pytest.mark.parametrize("per_prompt", [0, 1])
+def test_oracle_answers_score_near_the_codebook_round_trip(
+    demo_checkpoint: Path, shapes_with_masks: Path, per_prompt: int
+) -> None:
     data = load_coco_segments(shapes_with_masks / "annotations.json")
     encoder = MaskEncoder.from_npz(str(VAE))
     by_pixels = {np.asarray(Image.open(im.path).convert("RGB")).tobytes(): im for im in data.images}
     tokenizer = PaliGemmaProcessor.from_pretrained(demo_checkpoint).tokenizer
-    oracle = FakeEngine(tokenizer, lambda r: segment_target(by_pixels[np.asarray(r.image).tobytes()], CLASSES, encoder))
+    oracle = FakeEngine(
+        tokenizer, lambda r: segment_target(by_pixels[np.asarray(r.image).tobytes()], _asked(r), encoder)
+    )
     engine = Recording(oracle)
-    preds, texts = asyncio.run(predict_masks(engine, data, CLASSES, MaskDecoder.from_npz(VAE)))
-    assert len(texts) == 4 and all("<seg" in t for t in texts)
+    preds, texts = asyncio.run(
+        predict_masks(engine, data, CLASSES, MaskDecoder.from_npz(VAE), classes_per_prompt=per_prompt)
+    )
+    groups = [CLASSES] if per_prompt == 0 else [[c] for c in CLASSES]
+    assert len(texts) == 4 * len(groups) and sum("<seg" in t for t in texts) >= 4
     scores = mask_scores(data, preds, CLASSES)
     assert scores["objects"] == sum(len(im.objects) for im in data.images) and scores["no_mask"] == 0
     assert scores["mean_iou"] > 0.85  # the codebook's own round trip is ~0.96 (models/shapes-vae/README.md)
     assert scores["mask_map50"] > 0.9 and scores["box_map50"] > 0.9
-    _same_as_segment_endpoint(engine, data, preds)
+    _same_as_segment_endpoint(engine, data, preds, groups)
 
 
 def test_demo_model_through_the_transformers_engine(demo_checkpoint: Path, shapes_with_masks: Path) -> None:
@@ -176,15 +194,16 @@ def test_demo_model_through_the_transformers_engine(demo_checkpoint: Path, shape
     async def run() -> tuple[Recording, dict[int, list[PredictedMask]], list[str]]:
         async with open_engine(demo_checkpoint, "transformers", device="cpu", max_batch_size=4) as real:
             engine = Recording(real)
-            preds, texts = await predict_masks(engine, data, CLASSES, MaskDecoder.from_npz(VAE))
+            decoder = MaskDecoder.from_npz(VAE)
+            preds, texts = await predict_masks(engine, data, CLASSES, decoder, classes_per_prompt=1)
             return engine, preds, texts
 
     engine, preds, texts = asyncio.run(run())
-    assert len(texts) == len(data.images) and texts == [g.text for _, g in engine.calls]
+    assert len(texts) == 3 * len(data.images) and sorted(texts) == sorted(g.text for _, g in engine.calls)
     scores = mask_scores(data, preds, CLASSES)
     for key in ("mean_iou", "mask_map", "mask_map50", "box_map50"):
         assert 0.0 <= scores[key] <= 1.0
-    _same_as_segment_endpoint(engine, data, preds)
+    _same_as_segment_endpoint(engine, data, preds, [[c] for c in CLASSES])
 
 
 def test_eval_command_writes_a_segmentation_section(
@@ -203,4 +222,5 @@ def test_eval_command_writes_a_segmentation_section(
     assert [Path(p).name for p in section["pictures"]] == ["segment-000.png", "segment-001.png"]
     assert Image.open(section["pictures"][0]).width > 2 * 336  # ground truth and prediction, scaled up
     records = json.loads((out / "predictions.json").read_text())["segmentation"]
-    assert len(records) == 4 and all("text" in r and "objects" in r for r in records.values())
+    assert section["classes_per_prompt"] == 1  # as --segment-prompt-style per_class (the default) trains
+    assert len(records) == 4 and all(len(r["texts"]) == len(CLASSES) and "objects" in r for r in records.values())
