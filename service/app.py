@@ -25,6 +25,7 @@ from starlette.requests import ClientDisconnect
 from paligemma import PromptError, SpecialIds
 from service.api.openai_routes import router as openai_router
 from service.api.openapi import install_openapi
+from service.api.page_routes import router as page_router
 from service.api.routes import router
 from service.api.segment_routes import router as segment_router
 from service.api.segments import load_mask_decoder
@@ -216,7 +217,8 @@ def create_app(settings: Settings, engine_factory: EngineFactory | None = None) 
     )
     app.state.service = state
     app.include_router(router)
-    app.include_router(segment_router)  # /segment and the page at /
+    app.include_router(segment_router)  # /segment
+    app.include_router(page_router)  # the page at / and its /examples
     app.include_router(openai_router)  # /v1/models, /v1/chat/completions
     _install_error_handlers(app)
     install_openapi(app, settings)  # the schema as this configuration serves it (issue 6, schemathesis)

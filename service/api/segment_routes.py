@@ -1,4 +1,4 @@
-"""``POST /segment`` (boxes + COCO RLE masks, or an annotated PNG) and ``GET /`` (the static page).
+"""``POST /segment``: boxes + COCO RLE masks, or an annotated PNG.
 
 ``/segment`` is ``/detect`` with the ``segment`` prefix: same fields (plus ``polygons``), same boxes,
 labels and scores, and per detection a ``mask`` decoded from the model's 16 ``<seg>`` tokens by the mask
@@ -10,11 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request, Response
-from fastapi.responses import FileResponse, HTMLResponse
 
 from paligemma import prompts
 from paligemma.segmentation import MaskDecoder
@@ -25,8 +23,6 @@ from service.api.schemas import ImageInfo, SegmentJSON, SegmentParams, SegmentRe
 from service.api.segments import SegmentationNotConfigured, build_segments, default_max_new_tokens
 from service.deps import EngineDep, StateDep, state_of
 from service.errors import Unavailable
-
-STATIC = Path(__file__).resolve().parents[1] / "static"
 
 router = APIRouter()
 
@@ -103,8 +99,3 @@ async def segment(
         latency_ms=elapsed_ms(start),
     )
 
-
-@router.get("/", response_class=HTMLResponse, summary="The page to try the model in a browser", tags=["page"])
-async def page() -> FileResponse:
-    """Pick an image, type objects, see boxes and masks drawn over it (no build step, no external assets)."""
-    return FileResponse(STATIC / "index.html", media_type="text/html; charset=utf-8")

@@ -27,7 +27,7 @@ from service.settings import Settings
 EXEMPT_PATHS = frozenset(
     {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 )
-"""Never counted, never refused (``GET /`` and ``HEAD /``, the page, are exempt too)."""
+"""Never counted, never refused (``GET /`` and ``HEAD /``, the page, and its ``/examples`` are exempt too)."""
 
 REJECT_REASONS = ("overloaded", "draining", "queue_timeout", "unauthorized")
 
@@ -35,7 +35,8 @@ REJECT_REASONS = ("overloaded", "draining", "queue_timeout", "unauthorized")
 def is_exempt(scope: Scope) -> bool:
     """Probes, metrics, docs and the page: open to everyone and outside the admission limit."""
     path = scope["path"]
-    return path in EXEMPT_PATHS or (path == "/" and scope["method"] in ("GET", "HEAD"))
+    page = path == "/" or path == "/examples" or path.startswith("/examples/")
+    return path in EXEMPT_PATHS or (page and scope["method"] in ("GET", "HEAD"))
 
 
 class Rejected(Exception):

@@ -1,5 +1,8 @@
 """Headless system Chromium driven by selenium, for tests of the static page (service/static/index.html).
 
+``demo_server`` is one real ``python -m service`` process on the demo model for the whole session, which
+allows ``page_origin`` (the page served apart from the API) through ``cors_origins``.
+
 Chromium and chromedriver are Debian's (``tools/setup_browser.sh`` installs them). Without them the browser
 tests skip, unless ``PALIGEMMA_REQUIRE_BROWSER`` is set (as ``make test`` and CI should), then they fail.
 """
@@ -13,6 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+
+from tests.browser.servers import service, static_site
 
 if TYPE_CHECKING:
     from selenium.webdriver.remote.webdriver import WebDriver
@@ -84,3 +89,21 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 def static_page_url() -> str:
     """``file://`` URL of the page (no server needed for layout and drawing tests)."""
     return STATIC_PAGE.as_uri()
+
+
+@pytest.fixture(scope="session")
+def page_origin(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``service/static`` from a plain file server: another origin, which ``demo_server`` allows."""
+    with static_site(tmp_path_factory.mktemp("page-origin") / "http.log") as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def demo_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, page_origin: str
+) -> Iterator[str]:
+    """The demo model (or ``PALIGEMMA_E2E_MODEL=DIR``) in a real service process, CORS open to ``page_origin``."""
+    model = os.environ.get("PALIGEMMA_E2E_MODEL") or str(request.getfixturevalue("demo_checkpoint"))
+    log = tmp_path_factory.mktemp("demo-server") / "service.log"
+    with service(model, log, "--cors-origins", page_origin) as url:
+        yield url

@@ -1,4 +1,5 @@
-"""The static page in headless Chromium, loaded from file:// (no service): form, RLE decoding, drawing."""
+"""The static page in headless Chromium, loaded from file:// (no service): form, RLE decoding, drawing, label
+placement at the picture's edges."""
 
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def test_form_elements_exist(browser: WebDriver, static_page_url: str) -> None:
         "question",
         "lang",
         "detail",
+        "constrained",
+        "max-objects",
+        "adapter",
+        "max-new-tokens",
         "api-key",
         "service-url",
         "submit",
@@ -59,14 +64,17 @@ def test_form_elements_exist(browser: WebDriver, static_page_url: str) -> None:
         "error",
         "overlay",
         "answer",
+        "stats",
         "json",
+        "examples",
     ):
         assert browser.find_element("id", element_id) is not None, element_id
     options = browser.execute_script("return [...document.getElementById('task').options].map(o => o.value)")
-    assert options == ["detect", "segment", "vqa", "caption"]
+    assert options == ["detect", "segment", "vqa", "caption", "ocr"]
     assert browser.find_element("id", "api-key").get_attribute("type") == "password"
     assert _state(browser) == "empty"
     assert browser.execute_script("return typeof window.paligemma.drawResult") == "function"
+    assert "service URL" in browser.find_element("id", "model-info").text  # from file://, nothing is fetched
     assert browser.get_log("browser") == []  # no script errors
 
 
@@ -76,10 +84,11 @@ def test_task_choice_shows_its_fields(browser: WebDriver, static_page_url: str) 
     browser.get(static_page_url)
     visible = "return [...document.querySelectorAll('label[id$=\"-field\"]:not([hidden])')].map(e => e.id.slice(0, -6))"
     expected = {
-        "detect": ["objects"],
-        "segment": ["objects"],
+        "detect": ["objects", "constrained", "max-objects"],
+        "segment": ["objects", "constrained", "max-objects"],
         "vqa": ["question", "lang"],
         "caption": ["lang", "detail"],
+        "ocr": [],
     }
     for task, fields in expected.items():
         Select(browser.find_element("id", "task")).select_by_value(task)
@@ -105,15 +114,23 @@ def test_js_rle_decoder_matches_pycocotools(browser: WebDriver, static_page_url:
         np.testing.assert_array_equal(np.asarray(data, bool).reshape(height, width), expected)
 
 
+def _pixel(driver: WebDriver, x: float, y: float) -> list[int]:
+    """The canvas pixel under image pixel (x, y) of the picture shown."""
+    script = """
+    const c = document.getElementById('overlay'), s = c.width / arguments[2];
+    const x = Math.floor(arguments[0] * s), y = Math.floor(arguments[1] * s);
+    return Array.from(c.getContext('2d').getImageData(x, y, 1, 1).data);
+    """
+    return list(driver.execute_script(script, x, y, 160))[:3]
+
+
 def test_draws_boxes_and_masks_over_the_picked_image(
     browser: WebDriver, static_page_url: str, synthetic_png: Path
 ) -> None:
     browser.get(static_page_url)
     _pick_image(browser, synthetic_png)
-    assert browser.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height]") == [
-        160,
-        90,
-    ]
+    width, height = browser.execute_script("const c = document.getElementById('overlay'); return [c.width, c.height]")
+    assert width / height == pytest.approx(160 / 90, rel=0.01) and width > 160  # enlarged to the panel
     mask = np.zeros((90, 160), bool)
     mask[20:70, 30:90] = True
     payload = {
@@ -133,10 +150,43 @@ def test_draws_boxes_and_masks_over_the_picked_image(
     )
     data = browser.execute_script("return Object.assign({}, document.getElementById('overlay').dataset)")
     assert data == {"state": "drawn", "detections": "2", "masks": "1"}
-    pixel = "return Array.from(document.getElementById('overlay').getContext('2d').getImageData(60, 45, 1, 1).data)"
-    assert browser.execute_script(pixel)[:3] != [200, 60, 40]  # the mask tints the block
-    outside = "return Array.from(document.getElementById('overlay').getContext('2d').getImageData(5, 5, 1, 1).data)"
-    assert browser.execute_script(outside)[:3] == [235, 235, 235]
+    assert _pixel(browser, 60, 45) != [200, 60, 40]  # the mask tints the block
+    assert _pixel(browser, 5, 5) == [235, 235, 235]
+    colors = "return [...document.querySelectorAll('#marks .box')].map(e => getComputedStyle(e).borderTopColor)"
+    first, second = browser.execute_script(colors)
+    assert first != second  # one colour per class
+
+
+def _marks(driver: WebDriver, detections: list[dict[str, Any]], size: tuple[int, int]) -> dict[str, Any]:
+    payload = {"detections": detections, "image": {"width": size[0], "height": size[1]}}
+    driver.execute_script("window.paligemma.drawResult(arguments[0], ['wide label name'])", payload)
+    script = """
+    const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+    return {picture: rect(document.getElementById('overlay')),
+            boxes: [...document.querySelectorAll('#marks .box')].map(rect),
+            labels: [...document.querySelectorAll('#marks .label')].map(rect)};
+    """
+    return dict(driver.execute_script(script))
+
+
+def test_labels_stay_inside_the_picture_and_off_their_object(
+    browser: WebDriver, static_page_url: str, synthetic_png: Path
+) -> None:
+    browser.get(static_page_url)
+    _pick_image(browser, synthetic_png)
+    top_right = {"label": "wide label name", "box": {"x1": 150, "y1": 0, "x2": 160, "y2": 30}, "score": 0.5}
+    bottom_left = {"label": "b", "box": {"x1": 0, "y1": 70, "x2": 20, "y2": 90}}
+    full = {"label": "c", "box": {"x1": 0, "y1": 0, "x2": 160, "y2": 90}}
+    got = _marks(browser, [top_right, bottom_left, full], (160, 90))
+    left, top, right, bottom = got["picture"]
+    for label in got["labels"]:
+        assert left - 0.5 <= label[0] and label[2] <= right + 0.5 and top - 0.5 <= label[1] and label[3] <= bottom + 0.5
+    (box0, box1, _), (label0, label1, label2) = got["boxes"], got["labels"]
+    assert label0[1] >= box0[3] - 0.5  # no room above: below its box
+    assert label0[2] == pytest.approx(right, abs=0.5)  # pushed left, inside the right edge
+    assert label1[3] <= box1[1] + 0.5  # room above: above its box
+    assert label2[1] == pytest.approx(top, abs=0.5)  # no room anywhere: inside the top of its box
+    assert {round(label[3] - label[1], 2) for label in got["labels"]} == {18.0}
 
 
 def test_unreachable_service_shows_an_error(browser: WebDriver, static_page_url: str, synthetic_png: Path) -> None:
