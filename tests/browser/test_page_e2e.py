@@ -159,3 +159,24 @@ def test_segment_from_the_page_draws_the_masks(browser: WebDriver, segmenting_se
     assert overlay["state"] == "drawn", browser.find_element("id", "error").text
     assert int(overlay["masks"]) == masks
     assert severe_logs(browser) == []
+
+
+def test_ocr_answers_with_its_text_and_token_counts(browser: WebDriver, demo_server: str) -> None:
+    from selenium.webdriver.support.ui import Select
+
+    browser.get(f"{demo_server}/")
+    wait_for(browser, EXAMPLES_SHOWN)
+    browser.execute_script(
+        "return fetch('examples/shapes-2-9.png').then(r => r.blob()).then(b => window.paligemma.setImage(b))"
+    )
+    Select(browser.find_element("id", "task")).select_by_value("ocr")
+    assert not browser.find_element("id", "objects").is_displayed()
+    browser.find_element("id", "submit").click()
+    assert wait_answered(browser)["state"] == "drawn", browser.find_element("id", "error").text
+    answer = _json_answer(browser)
+    assert browser.find_element("id", "answer").text == str(answer["text"]).strip()
+    usage = answer["usage"]
+    assert isinstance(usage, dict) and usage["completion_tokens"] >= 1
+    stats = browser.find_element("id", "stats")
+    assert stats.get_attribute("data-completion-tokens") == str(usage["completion_tokens"])
+    assert browser.find_element("id", "stage").is_displayed()

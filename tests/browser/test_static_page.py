@@ -198,3 +198,27 @@ def test_unreachable_service_shows_an_error(browser: WebDriver, static_page_url:
     error = browser.find_element("id", "error")
     assert error.is_displayed() and "Could not reach the service" in error.text
     assert browser.find_element("id", "submit").is_enabled()
+
+
+def test_a_resized_window_refits_the_picture_and_its_boxes(
+    browser: WebDriver, static_page_url: str, synthetic_png: Path
+) -> None:
+    browser.set_window_size(1280, 900)
+    browser.get(static_page_url)
+    _pick_image(browser, synthetic_png)
+    box = {"label": "block", "box": {"x1": 30, "y1": 20, "x2": 90, "y2": 70}}
+    wide = _marks(browser, [box], (160, 90))
+    browser.set_window_size(600, 900)  # one column: a narrower panel
+    narrow_width = "return document.getElementById('overlay').getBoundingClientRect().width"
+    _wait(browser, f"{narrow_width} < {wide['picture'][2] - wide['picture'][0] - 1}")
+    script = """
+    const rect = (e) => { const r = e.getBoundingClientRect(); return [r.left, r.top, r.right, r.bottom]; };
+    return [rect(document.getElementById('panel')), rect(document.getElementById('overlay')),
+            rect(document.querySelector('#marks .box'))];
+    """
+    panel, picture, drawn = browser.execute_script(script)
+    assert picture[0] >= panel[0] - 0.5 and picture[2] <= panel[2] + 0.5
+    assert picture[1] >= panel[1] - 0.5 and picture[3] <= panel[3] + 0.5
+    scale = (picture[2] - picture[0]) / 160
+    expected = [picture[0] + 30 * scale, picture[1] + 20 * scale, picture[0] + 90 * scale, picture[1] + 70 * scale]
+    assert max(abs(e - d) for e, d in zip(expected, drawn, strict=True)) <= 1.0
