@@ -52,8 +52,8 @@ print(json.dumps(out))
 
 
 def held_out_png() -> bytes:
-    from finetune.demo import DemoConfig
-    from finetune.synth import render
+    from finetune.data.synth import render
+    from finetune.recipes.demo_config import DemoConfig
 
     image, _ = render(DemoConfig().heldout_seed, 0)
     buffer = io.BytesIO()

@@ -5,7 +5,7 @@
 
 For each engine (transformers, then vLLM with the prefix-LM plugin) and each mode (free, constrained),
 every held-out image is asked ``detect`` for all classes, 16 requests in flight, as
-``finetune.evaluate`` does. Printed per row: mAP@0.5 against the ground truth, objects dropped (runs of
+``finetune.evaluation.evaluate`` does. Printed per row: mAP@0.5 against the ground truth, objects dropped (runs of
 loc tokens that did not become a detection with an asked label), mean answer length in tokens, and
 generated tokens/s. Not a test: speed depends on the machine; compare rows of one run.
 """
@@ -17,9 +17,9 @@ import asyncio
 import time
 from typing import Any
 
-from finetune.data import load_coco
-from finetune.evaluate import answers_to_boxes, detection_answers, open_engine
-from finetune.metrics import coco_map
+from finetune.data.loaders import load_coco
+from finetune.evaluation.evaluate import answers_to_boxes, detection_answers, open_engine
+from finetune.evaluation.metrics import coco_map
 from paligemma.parsing import objects_started
 from paligemma.tokens import SpecialIds
 

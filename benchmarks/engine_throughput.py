@@ -89,8 +89,8 @@ def _open_stock_vllm(settings: Any) -> Any:
 
 
 async def _measure(setup: str, model: str, args: argparse.Namespace) -> dict[str, list[float]]:
-    from finetune.demo import DemoConfig
-    from finetune.synth import render
+    from finetune.data.synth import render
+    from finetune.recipes.demo_config import DemoConfig
     from service.engines.protocol import GenerationRequest
 
     images = [render(DemoConfig().heldout_seed, i)[0] for i in range(args.requests)]

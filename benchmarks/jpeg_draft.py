@@ -31,9 +31,9 @@ OBJECTS = ["circle", "square", "triangle"]
 
 def photos(count: int, side: int) -> tuple[list[bytes], Any]:
     """JPEG bytes of the first ``count`` held-out demo images at ``side`` px, and their detection set."""
-    from finetune.data import Box, DetectionImage, DetectionSet
-    from finetune.demo import DemoConfig
-    from finetune.synth import render
+    from finetune.data.records import Box, DetectionImage, DetectionSet
+    from finetune.data.synth import render
+    from finetune.recipes.demo_config import DemoConfig
 
     datas, images = [], []
     for index in range(count):
@@ -50,8 +50,8 @@ def photos(count: int, side: int) -> tuple[list[bytes], Any]:
 async def score(datas: list[bytes], dataset: Any, draft: bool) -> tuple[float, dict[str, Any], list[Any]]:
     import time
 
-    from finetune.evaluate import answers_to_boxes, open_engine
-    from finetune.metrics import coco_map
+    from finetune.evaluation.evaluate import answers_to_boxes, open_engine
+    from finetune.evaluation.metrics import coco_map
     from paligemma import prompts
     from service.engines.protocol import GenerationRequest
     from service.images import ImageLimits

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/photo_training.py [--photos 100,300] [--workers 0,1] [--before /tmp/old]
 
 Each row is one epoch of LoRA (batch size 10) on the tiny checkpoint over the first N of 300 synthetic
-1920x1080 JPEGs (``finetune.synth.generate_photos``, ~630 KB each, made once into ``artifacts/photos``),
+1920x1080 JPEGs (``finetune.data.synth.generate_photos``, ~630 KB each, made once into ``artifacts/photos``),
 run as ``python -m finetune train`` in a fresh interpreter (``tests/finetune/photo_runs.py``). Peak RSS is
 the training process's ``ru_maxrss``; ``worker`` is its largest DataLoader worker's. ``--before DIR`` adds
 the same rows for another tree (a clone at an older commit) run with this virtual environment::
@@ -23,7 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the measured run lives in the tests package
-from finetune.synth import generate_cached  # noqa: E402
+from finetune.data.synth import generate_cached  # noqa: E402
 from tests.finetune.photo_runs import Run, train_epoch  # noqa: E402
 
 

@@ -97,11 +97,11 @@ def make_images(kind: str, count: int, folder: Path) -> list[bytes]:
     """``count`` distinct uploads of ``kind``: 8 base pictures, each copy stamped with its index in a corner."""
     width, height, fmt = UPLOADS[kind]
     if fmt == "PNG":
-        from finetune.synth import render
+        from finetune.data.synth import render
 
         bases = [np.asarray(render(2, i, size=width)[0]) for i in range(8)]  # 2: the demo's held-out seed
     else:
-        from finetune.synth import generate_photos
+        from finetune.data.synth import generate_photos
 
         generate_photos(folder / kind, 8, seed=36, width=width, height=height)
         bases = [np.asarray(Image.open(p).convert("RGB")) for p in sorted((folder / kind / "images").glob("*.jpg"))]

@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="default: WORK/real_size.json")
     args = parser.parse_args()
 
-    from finetune.synth import generate
+    from finetune.data.synth import generate
 
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,11 @@ import os
 from collections import Counter
 from collections.abc import Sequence
 
-from finetune.compare import box_iou
-from finetune.data import Box, DetectionSet, load_coco
-from finetune.evaluate import open_engine, predict_detections
-from finetune.metrics import coco_map
+from finetune.data.loaders import load_coco
+from finetune.data.records import Box, DetectionSet
+from finetune.evaluation.compare import box_iou
+from finetune.evaluation.evaluate import open_engine, predict_detections
+from finetune.evaluation.metrics import coco_map
 
 IOU = 0.9
 

@@ -4,8 +4,8 @@ Commands: ``tiny`` (a tiny random PaliGemma), ``random-like`` (random weights, a
 ``synth`` (synthetic shapes data), ``mask-codebook`` (a mask VQ-VAE trained on the shapes), ``train``,
 ``merge``, ``eval``, ``demo`` (the CPU quality benchmark), ``lora-demo`` (a new class taught with LoRA) and
 ``segment-demo`` (the demo model finetuned to segment).
-Each command's flags are generated from its dataclass config in :mod:`finetune.config` (or
-:class:`finetune.demo.DemoConfig`, :class:`finetune.transfer.TransferConfig`), so ``--help`` shows the same
+Each command's flags are generated from its dataclass config in :mod:`finetune.config` (or a recipe's, e.g.
+:class:`finetune.recipes.demo_config.DemoConfig`) by :mod:`finetune.options`, so ``--help`` shows the same
 documentation as the Python API.
 """
 
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from finetune.config import EvalConfig, MergeConfig, TrainConfig, add_arguments
-from finetune.config import from_args as _from_args
+from finetune.config import EvalConfig, MergeConfig, TrainConfig
+from finetune.options import add_arguments
+from finetune.options import from_args as _from_args
 
 log = logging.getLogger("finetune")
 C = TypeVar("C")
@@ -84,7 +85,7 @@ def _add_random_like(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _synth(args: argparse.Namespace) -> None:
-    from finetune.synth import generate
+    from finetune.data.synth import generate
 
     out = generate(
         args.out,
@@ -99,9 +100,9 @@ def _synth(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from finetune.config import FlagError
-    from finetune.data import DataError, data_error_message
-    from finetune.train import first_process, train
+    from finetune.data.records import DataError, data_error_message
+    from finetune.options import FlagError
+    from finetune.training.train import first_process, train
 
     try:
         trained = train(from_args(TrainConfig, args))
@@ -114,7 +115,7 @@ def _train(args: argparse.Namespace) -> None:
 
 
 def _merge(args: argparse.Namespace) -> None:
-    from finetune.merge import merge
+    from finetune.training.merge import merge
 
     log.info("merged checkpoint: %s", merge(from_args(MergeConfig, args)))
 
@@ -131,11 +132,11 @@ def _eval(args: argparse.Namespace) -> None:
 async def run_eval(cfg: EvalConfig) -> dict[str, object]:
     """Load the held-out data, open the chosen engine on ``cfg.model`` and evaluate (``eval`` command).
 
-    With ``cfg.compare``, the base model and ``cfg.model`` are evaluated in turn (:mod:`finetune.compare`).
+    With ``cfg.compare``, the base model and ``cfg.model`` are evaluated in turn (:mod:`finetune.evaluation.compare`).
     """
-    from finetune.data import load_coco, load_vqa
-    from finetune.evaluate import evaluate, open_engine
-    from finetune.segment_data import load_coco_segments
+    from finetune.data.loaders import load_coco, load_vqa
+    from finetune.data.segments import load_coco_segments
+    from finetune.evaluation.evaluate import evaluate, open_engine
 
     loader = load_coco_segments if cfg.segmentation_weights else load_coco  # segmentation: objects keep masks
     detection = loader(cfg.coco, cfg.coco_images) if cfg.coco else None
@@ -147,7 +148,7 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
             detection.images = detection.images[: cfg.limit]
         vqa = vqa[: cfg.limit] if vqa else vqa
     if cfg.compare:
-        from finetune.compare import compare
+        from finetune.evaluation.compare import compare
 
         engines = {
             "base": open_engine(
@@ -189,7 +190,8 @@ async def run_eval(cfg: EvalConfig) -> dict[str, object]:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    from finetune.demo import DemoConfig, run_demo
+    from finetune.recipes.demo import run_demo
+    from finetune.recipes.demo_config import DemoConfig
 
     report = run_demo(from_args(DemoConfig, args))
     if report:
@@ -197,15 +199,15 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _lora_demo(args: argparse.Namespace) -> None:
-    from finetune.served import table_markdown
-    from finetune.transfer import TransferConfig, run_transfer
+    from finetune.evaluation.served import table_markdown
+    from finetune.recipes.transfer import TransferConfig, run_transfer
 
     report = run_transfer(from_args(TransferConfig, args))
     sys.stdout.write(table_markdown(report["forms"], report["heldout"]["prompts"]))
 
 
 def _segment_demo(args: argparse.Namespace) -> None:
-    from finetune.segment_demo import SegmentDemoConfig, run_segment_demo, scores_markdown
+    from finetune.recipes.segment_demo import SegmentDemoConfig, run_segment_demo, scores_markdown
 
     report = run_segment_demo(from_args(SegmentDemoConfig, args))
     sys.stdout.write(scores_markdown(report["heldout"]))
@@ -235,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--masks", action="store_true", help="each annotation's segmentation too (compressed RLE)")
     synth.set_defaults(func=_synth)
 
-    from finetune.mask_codebook import add_command
+    from finetune.recipes.mask_codebook import add_command
 
     add_command(commands)
 
@@ -253,13 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(evaluate, EvalConfig)
     evaluate.set_defaults(func=_eval)
 
-    from finetune.demo import DemoConfig
+    from finetune.recipes.demo_config import DemoConfig
 
     demo = commands.add_parser("demo", help="the CPU quality benchmark: build, train, evaluate the demo model")
     add_arguments(demo, DemoConfig)
     demo.set_defaults(func=_demo)
 
-    from finetune.transfer import TransferConfig
+    from finetune.recipes.transfer import TransferConfig
 
     lora_demo = commands.add_parser(
         "lora-demo", help="teach the demo model a new shape with LoRA, merge, and score every served form"
@@ -267,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(lora_demo, TransferConfig)
     lora_demo.set_defaults(func=_lora_demo)
 
-    from finetune.segment_demo import SegmentDemoConfig
+    from finetune.recipes.segment_demo import SegmentDemoConfig
 
     segment_demo = commands.add_parser(
         "segment-demo", help="finetune the demo model to segment and score it on both engines"

@@ -7,28 +7,13 @@ One source of truth (the litgpt pattern): each field's type, default and attribu
 
 from __future__ import annotations
 
-import argparse
-import ast
-import dataclasses
-import inspect
-import textwrap
-import types
-import typing
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Literal
+
+from finetune.options import FlagError, add_arguments, flag, from_args, to_json
 
 Method = Literal["lora", "qlora", "full"]
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-class FlagError(ValueError):
-    """A flag's value that only the data or the checkpoint shows to be wrong (found before training starts)."""
-
-
-def flag(name: str) -> str:
-    """``max_minutes`` -> ``--max-minutes`` (for error messages)."""
-    return "--" + name.replace("_", "-")
 
 
 @dataclass
@@ -56,7 +41,7 @@ class DataConfig:
     segment_prompt_style: Literal["multi", "per_class"] = "per_class"
     """The same for --segment-coco's 'segment' prompts. per_class (one class per prompt, as big_vision's
     segmentation data asks one object per prompt) keeps answers short: a small model loses its boxes after a
-    few 20-token objects (the demo: mean mask IoU 0.564 multi, see finetune/segment_demo.py)."""
+    few 20-token objects (the demo: mean mask IoU 0.564 multi, see finetune/recipes/segment_demo.py)."""
     loc_stride: int = 1
     """Round box loc indices to multiples of this (1 = exact; >1 helps tiny from-scratch models, see data.py)."""
     synonyms: tuple[str, ...] = ()
@@ -286,76 +271,6 @@ class EvalConfig:
             raise ValueError(f"{flag('concurrency')} must be >= 1")
         if self.sheet < 0 or self.pictures < 0:
             raise ValueError(f"{flag('pictures')} and {flag('sheet')} must be >= 0")
-
-
-C = TypeVar("C")
-
-
-def _attribute_docs(cls: type) -> dict[str, str]:
-    """Attribute docstrings (the string right after ``name: type = default``) of a class and its bases."""
-    docs: dict[str, str] = {}
-    for klass in reversed(cls.__mro__[:-1]):
-        try:
-            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-        except (OSError, TypeError):
-            continue
-        body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
-        for node, nxt in zip(body, body[1:], strict=False):
-            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
-                continue
-            if isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
-
-
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
-    if get_origin(tp) in (typing.Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
-        if len(args) == 1:
-            return args[0], True
-    return tp, False
-
-
-def add_arguments(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
-    """One ``--flag`` per dataclass field, typed, with the attribute docstring as help."""
-    docs = _attribute_docs(cls)
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        tp, _ = _strip_optional(hints[f.name])
-        default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs: dict[str, Any] = {"help": docs.get(f.name, ""), "default": default, "dest": f.name}
-        if tp is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        elif get_origin(tp) is tuple:
-            kwargs.update(action="append", type=get_args(tp)[0], default=None)
-            kwargs["help"] += f" (default: {' '.join(map(str, default or ())) or 'none'})"
-        elif get_origin(tp) is Literal:
-            kwargs.update(choices=get_args(tp))
-        else:
-            kwargs["type"] = tp
-        parser.add_argument(flag(f.name), **kwargs)
-
-
-def from_args(cls: type[C], args: argparse.Namespace, **overrides: Any) -> C:
-    """Build the config from parsed flags; unset repeatable flags keep the dataclass default."""
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        value = getattr(args, f.name, None)
-        if value is None:
-            continue
-        values[f.name] = tuple(value) if isinstance(value, list) else value
-    values.update(overrides)
-    return cls(**values)
-
-
-def to_json(cfg: Any) -> dict[str, Any]:
-    """JSON-friendly dict of a config (tuples as lists, paths as strings)."""
-    out: dict[str, Any] = {}
-    for key, value in dataclasses.asdict(cfg).items():
-        out[key] = list(value) if isinstance(value, tuple) else str(value) if isinstance(value, Path) else value
-    return out
 
 
 __all__ = [

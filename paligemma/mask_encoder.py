@@ -49,7 +49,7 @@ def build_module(shapes: Mapping[str, Sequence[int]]) -> torch.nn.Module:
     """The encoder as an ``nn.Module`` whose ``state_dict`` keys are the file's ``encoder.*`` keys.
 
     ``shapes`` maps each ``encoder.*.weight`` key to its ``[out, in, kh, kw]`` (a file's arrays' shapes, or
-    :func:`~paligemma.segmentation.encoder_weight_shapes`): public so ``finetune.mask_codebook`` trains it.
+    :func:`~paligemma.segmentation.encoder_weight_shapes`): public so ``finetune.recipes.mask_codebook`` trains it.
     """
     from torch import nn
 

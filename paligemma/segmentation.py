@@ -187,7 +187,7 @@ def write_random_weights(
 def build_module(embedding_dim: int, num_codes: int = NUM_SEG_TOKENS) -> torch.nn.Module:
     """The decoder as an ``nn.Module`` whose ``state_dict`` keys are exactly the file's keys.
 
-    Public so that ``finetune.mask_codebook`` trains this very module rather than a second copy of it.
+    Public so that ``finetune.recipes.mask_codebook`` trains this very module rather than a second copy of it.
     """
     import torch
     from torch import nn

@@ -19,8 +19,8 @@ DEMO_MODEL = Path(__file__).resolve().parents[1] / "models" / "demo"
 
 def heldout_image(index: int) -> tuple[bytes, list[tuple[str, tuple[int, int, int, int]]]]:
     """PNG bytes of held-out image ``index`` and its shapes as ``(name, (x1, y1, x2, y2))``."""
-    from finetune.demo import DemoConfig
-    from finetune.synth import render
+    from finetune.data.synth import render
+    from finetune.recipes.demo_config import DemoConfig
 
     image, shapes = render(DemoConfig().heldout_seed, index)
     buffer = io.BytesIO()
@@ -32,7 +32,7 @@ def find_detection(detect: Callable[[bytes, str], dict[str, Any]], tries: int = 
     """A held-out image and object name for which ``detect(png, name)`` (a /detect answer) has a detection,
     preferring one that is right (label as asked, IoU >= 0.5 with a shape of that name), else the one
     overlapping its shape best; ``AssertionError`` if none of the first ``tries`` images gives a box."""
-    from finetune.compare import box_iou
+    from finetune.evaluation.compare import box_iou
 
     best: tuple[bytes, str] | None = None
     best_iou = -1.0

@@ -16,7 +16,7 @@ PHOTOS = ("1080p", "1080p-exif6", "1080p-exif3", "12mp", "12mp-portrait-exif8")
 
 @cache
 def _generated(width: int, height: int, index: int) -> Image.Image:
-    from finetune.synth import generate_photos
+    from finetune.data.synth import generate_photos
 
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_photos(tmp, index + 1, seed=36, width=width, height=height, max_shapes=3)

@@ -1,7 +1,7 @@
 """``GET /`` (the page), ``GET /examples`` (the pictures its example buttons offer) and the example files.
 
 The examples are held-out images of the committed demo models (``service/static/examples``, listed in its
-``examples.json`` with the seed and index that ``finetune.synth.render`` makes them from), so a newcomer's
+``examples.json`` with the seed and index that ``finetune.data.synth.render`` makes them from), so a newcomer's
 first click gives boxes. They are only images: with another served model they still run, just less well.
 Like the page, they are open to everyone and outside admission (:func:`service.guards.admission.is_exempt`).
 """
@@ -26,7 +26,7 @@ router = APIRouter(tags=["page"])
 
 
 class ExampleSource(BaseModel):
-    """How the picture was made: ``finetune.synth.render(seed, index, shapes=shapes)``."""
+    """How the picture was made: ``finetune.data.synth.render(seed, index, shapes=shapes)``."""
 
     seed: int
     index: int

@@ -134,7 +134,7 @@ def test_a_4xx_shows_the_api_message_over_the_picture(browser: WebDriver, demo_s
 
 
 def test_segment_from_the_page_draws_the_masks(browser: WebDriver, segmenting_server: str, tmp_path: Path) -> None:
-    from finetune.synth import render
+    from finetune.data.synth import render
 
     image, shapes = render(seed=23, index=0)  # a held-out image of the segmenting model's card
     picture = tmp_path / "shapes.png"

@@ -14,7 +14,7 @@ from service.engines.protocol import Generation, GenerationRequest
 @pytest.fixture(scope="session")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 synthetic shape images (seed 5): annotations.json, vqa.jsonl, images/."""
-    from finetune.synth import generate
+    from finetune.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("shapes"), 12, seed=5)
 

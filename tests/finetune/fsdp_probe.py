@@ -41,9 +41,10 @@ def main(model_dir: str, data_dir: str, out: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from finetune.callbacks import gather_if_sharded, parameter_bytes, save_trained
-    from finetune.collate import ExampleDataset, PaliGemmaCollator
-    from finetune.data import detection_examples, load_coco
+    from finetune.data.collate import ExampleDataset, PaliGemmaCollator
+    from finetune.data.examples import detection_examples
+    from finetune.data.loaders import load_coco
+    from finetune.training.callbacks import gather_if_sharded, parameter_bytes, save_trained
 
     dist.init_process_group("gloo")
     torch.manual_seed(0)

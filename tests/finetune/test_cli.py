@@ -50,7 +50,8 @@ def test_config_errors_end_cleanly_with_the_flag(tmp_path: Path) -> None:
 
 
 def test_repeatable_flags_become_tuples() -> None:
-    from finetune.config import TrainConfig, from_args
+    from finetune.config import TrainConfig
+    from finetune.options import from_args
 
     args = build_parser().parse_args(
         ["train", "--base", "b", "--out", "o", "--coco", "a.json", "--coco", "b.json", "--lora-targets", "q_proj"]

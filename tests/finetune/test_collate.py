@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from finetune.collate import PaliGemmaCollator
+from finetune.data.collate import PaliGemmaCollator
 
 
 def test_labels_mask_image_prefix_and_padding(tiny_checkpoint: Path) -> None:
@@ -69,8 +69,8 @@ def test_trimmed_logits_give_the_same_loss(tiny_checkpoint: Path) -> None:
 
 def test_sequence_lengths_are_the_collators_own(tiny_checkpoint: Path) -> None:
     """What ``train`` checks ``--max-length`` against is exactly what the collator builds, per example."""
-    from finetune.collate import sequence_lengths
-    from finetune.data import Example
+    from finetune.data.collate import sequence_lengths
+    from finetune.data.records import Example
 
     processor = PaliGemmaProcessor.from_pretrained(tiny_checkpoint)
     image = Image.new("RGB", (112, 112), (40, 40, 40))

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from finetune.compare import box_iou, image_iou, markdown_report
-from finetune.data import Box
+from finetune.data.records import Box
+from finetune.evaluation.compare import box_iou, image_iou, markdown_report
 
-PANEL = 336  # finetune.evaluate.PICTURE_SIDE: 112-px images drawn at 336 px
+PANEL = 336  # finetune.evaluation.evaluate.PICTURE_SIDE: 112-px images drawn at 336 px
 GAP = 8
 
 

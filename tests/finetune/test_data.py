@@ -6,18 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import (
-    Box,
-    DataError,
-    DetectionImage,
-    DetectionSet,
-    detection_examples,
-    detection_target,
-    load_coco,
-    load_jsonl,
-    load_vqa,
-    vqa_examples,
-)
+from finetune.data.examples import detection_examples, detection_target, vqa_examples
+from finetune.data.loaders import load_coco, load_jsonl, load_vqa
+from finetune.data.records import Box, DataError, DetectionImage, DetectionSet
 from paligemma import parse_detections
 
 FIXTURES = Path(__file__).parent / "fixtures"

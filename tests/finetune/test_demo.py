@@ -8,7 +8,8 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from finetune.demo import DemoConfig, run_demo
+from finetune.recipes.demo import run_demo
+from finetune.recipes.demo_config import DemoConfig
 
 
 def _config(tmp_path: Path, name: str, **overrides: object) -> DemoConfig:

@@ -91,8 +91,9 @@ def test_the_shipped_fsdp_policy_halves_what_each_rank_holds(
     import torch
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from finetune.collate import ExampleDataset, PaliGemmaCollator
-    from finetune.data import detection_examples, load_coco
+    from finetune.data.collate import ExampleDataset, PaliGemmaCollator
+    from finetune.data.examples import detection_examples
+    from finetune.data.loaders import load_coco
     from tests.finetune.fsdp_probe import STEPS
     from tests.vllm_smoke import assert_vllm_generates
 

@@ -10,8 +10,10 @@ import pytest
 from PIL import Image
 from transformers import PaliGemmaProcessor
 
-from finetune.data import Box, DetectionSet, load_coco, load_vqa
-from finetune.evaluate import comparison_picture, evaluate, open_engine
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.records import Box, DetectionSet
+from finetune.evaluation.evaluate import evaluate, open_engine
+from finetune.evaluation.pictures import comparison_picture
 from paligemma.tokens import encode_box
 from service.engines.protocol import GenerationRequest
 from tests.finetune.conftest import FakeEngine

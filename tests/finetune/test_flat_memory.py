@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.synth import generate_cached
+from finetune.data.synth import generate_cached
 from tests.finetune.photo_runs import train_epoch
 
 ROOT = Path(__file__).resolve().parents[2]

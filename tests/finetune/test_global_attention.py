@@ -1,7 +1,7 @@
 """Finetuning trains PaliGemma 2 with every text layer global, as big_vision did (paligemma/attention.py).
 
 A tiny Gemma 2 checkpoint whose sliding window (16) is shorter than one training example (64 image
-tokens + prompt + answer): the model ``finetune.train.load_model`` builds has no sliding layer and computes
+tokens + prompt + answer): the model ``finetune.training.train.load_model`` builds has no sliding layer and computes
 the same loss as the same weights with a window longer than any sequence; ``--keep-sliding-window``
 keeps the checkpoint's window, and the loss then differs (the window is really in play).
 """
@@ -37,7 +37,7 @@ def windowed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def _load(base: Path, out: Path, shapes: Path, **overrides: Any) -> tuple[Any, Any]:
-    from finetune.train import load_model
+    from finetune.training.model import load_model
 
     cfg = TrainConfig(base=str(base), out=str(out), vqa=(str(shapes / "vqa.jsonl"),), **overrides)
     return load_model(cfg)

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from finetune.config import TrainConfig
-from finetune.data import load_coco, load_vqa
-from finetune.synth import generate_cached
-from finetune.train import train
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.synth import generate_cached
+from finetune.training.train import train
 
 pytestmark = pytest.mark.slow
 
@@ -66,11 +66,11 @@ def test_held_out_scores_reach_the_curve_tensorboard_and_best(
 
 
 def _evaluate_adapter(base: Path, adapter: Path, data: Path) -> dict[str, object]:
-    """``finetune.evaluate`` on the saved adapter, through the service's transformers engine."""
+    """``finetune.evaluation.evaluate`` on the saved adapter, through the service's transformers engine."""
     from peft import PeftModel
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-    from finetune.evaluate import evaluate
+    from finetune.evaluation.evaluate import evaluate
     from service.engines.hf_engine import HFEngine
 
     model = PeftModel.from_pretrained(PaliGemmaForConditionalGeneration.from_pretrained(base), str(adapter)).eval()

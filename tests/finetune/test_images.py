@@ -20,10 +20,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from transformers import PaliGemmaProcessor
 
-from finetune.collate import ExampleDataset
-from finetune.data import DataError, Example, data_error_message, load_coco, load_jsonl, load_vqa
-from finetune.images import BadImage, inspect_image, load_training_image
-from finetune.synth import generate_photos
+from finetune.data.collate import ExampleDataset
+from finetune.data.images import BadImage, inspect_image, load_training_image
+from finetune.data.loaders import load_coco, load_jsonl, load_vqa
+from finetune.data.records import DataError, Example, data_error_message
+from finetune.data.synth import generate_photos
 
 ROOT = Path(__file__).resolve().parents[2]
 TRUNCATED = "the image data is truncated or corrupt"
@@ -156,7 +157,7 @@ def _examples(images: Path, names: list[str]) -> list[Example]:
 
 def test_dataset_substitutes_the_next_example_for_a_bad_image(images: Path, caplog: pytest.LogCaptureFixture) -> None:
     dataset = ExampleDataset(_examples(images, ["000000.jpg", "truncated.jpg", "000001.jpg"]))
-    with caplog.at_level(logging.WARNING, logger="finetune.collate"):
+    with caplog.at_level(logging.WARNING, logger="finetune.data.collate"):
         first, again = dataset[1], dataset[1]
     assert first["prefix"] == again["prefix"] == "caption 000001.jpg" and first["image"].size == (640, 360)
     assert [r.getMessage() for r in caplog.records] == [

@@ -1,4 +1,4 @@
-"""The shipped LoRA adapter (``models/demo-diamond``, ``finetune.transfer``) and its recipe.
+"""The shipped LoRA adapter (``models/demo-diamond``, ``finetune.recipes.transfer``) and its recipe.
 
 - Every served form (the merged checkpoint on both engines, the adapter selected per request on vLLM)
   answers the held-out ``detect`` prompts token for token as the unmerged adapter does, and scores what
@@ -18,12 +18,13 @@ from typing import Any
 import pytest
 
 from finetune.config import MergeConfig
-from finetune.data import DetectionSet, load_coco
-from finetune.evaluate import open_engine
-from finetune.merge import merge
-from finetune.served import FORMS, served_forms
-from finetune.synth import generate_cached
-from finetune.transfer import OLD, TransferConfig, run_transfer, train_cached, train_config
+from finetune.data.loaders import load_coco
+from finetune.data.records import DetectionSet
+from finetune.data.synth import generate_cached
+from finetune.evaluation.evaluate import open_engine
+from finetune.evaluation.served import FORMS, served_forms
+from finetune.recipes.transfer import OLD, TransferConfig, run_transfer, train_cached, train_config
+from finetune.training.merge import merge
 from paligemma.checkpoint import adapter_base
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
@@ -62,7 +63,7 @@ def test_the_shipped_adapter_finds_its_base_in_any_clone(demo_checkpoint: Path, 
 
 def test_merging_the_shipped_adapter_again_does_nothing(merged: Path, caplog: pytest.LogCaptureFixture) -> None:
     before = (merged / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="finetune.merge"):
+    with caplog.at_level(logging.INFO, logger="finetune.training.merge"):
         merge(MergeConfig(run=str(ADAPTER), out=str(merged), dtype="float32"))
     assert "already holds this merge" in caplog.text
     assert (merged / "model.safetensors").stat().st_mtime_ns == before
@@ -115,7 +116,7 @@ def test_the_recipe_runs_end_to_end_and_is_cached(
     assert len(list((tmp_path / "out" / "compare" / "pictures").glob("*.png"))) == 2
     trained = (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns
     new, old = Path(cfg.work) / "new", Path(cfg.work) / "old"
-    with caplog.at_level(logging.INFO, logger="finetune.transfer"):
+    with caplog.at_level(logging.INFO, logger="finetune.recipes.transfer"):
         assert train_cached(train_config(cfg, new, old), force=False)["steps"] == 3
     assert "not training again" in caplog.text
     assert (tmp_path / "work" / "run" / "adapter" / "adapter_model.safetensors").stat().st_mtime_ns == trained

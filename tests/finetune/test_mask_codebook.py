@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.mask_codebook import CARD_NAME, WEIGHTS_NAME, CodebookConfig, round_trip_iou, run, sample
-from finetune.synth import SHAPES
+from finetune.data.synth import SHAPES
+from finetune.recipes.mask_codebook import CARD_NAME, WEIGHTS_NAME, CodebookConfig, round_trip_iou, run, sample
 from paligemma.mask_encoder import MaskEncoder
 from paligemma.segmentation import MaskDecoder, encoder_weight_shapes, weight_shapes
 

@@ -13,10 +13,10 @@ from PIL import Image
 from safetensors import safe_open
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from finetune.collate import PaliGemmaCollator
 from finetune.config import MergeConfig
-from finetune.merge import merge
-from finetune.train import LANGUAGE_MODEL_PATTERN
+from finetune.data.collate import PaliGemmaCollator
+from finetune.training.merge import merge
+from finetune.training.model import LANGUAGE_MODEL_PATTERN
 from paligemma.checkpoint import save_checkpoint
 from tests.vllm_smoke import assert_vllm_generates
 
@@ -91,7 +91,7 @@ def test_merge_is_idempotent_and_honours_dtype(
     cfg = MergeConfig(run=str(run / "adapter"), out=str(tmp_path / "m"), dtype="bfloat16")
     out = merge(cfg)
     stamp = (out / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="finetune.merge"):
+    with caplog.at_level(logging.INFO, logger="finetune.training.merge"):
         assert merge(cfg) == out
     assert "already holds this merge" in caplog.text
     assert (out / "model.safetensors").stat().st_mtime_ns == stamp

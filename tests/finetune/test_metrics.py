@@ -11,8 +11,9 @@ import pytest
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from finetune.data import Box, DetectionImage, DetectionSet, VQARecord, load_coco
-from finetune.metrics import (
+from finetune.data.loaders import load_coco
+from finetune.data.records import Box, DetectionImage, DetectionSet, VQARecord
+from finetune.evaluation.metrics import (
     answer_accuracy,
     coco_map,
     majority_answer_baseline,

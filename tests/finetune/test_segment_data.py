@@ -14,8 +14,9 @@ from pycocotools import mask as mask_utils
 
 from finetune.__main__ import main
 from finetune.config import TrainConfig
-from finetune.data import DataError, detection_target
-from finetune.segment_data import (
+from finetune.data.examples import detection_target
+from finetune.data.records import DataError
+from finetune.data.segments import (
     Segment,
     SegmentCodes,
     decode_mask,
@@ -23,7 +24,7 @@ from finetune.segment_data import (
     segment_examples,
     segment_target,
 )
-from finetune.train import build_examples
+from finetune.training.train import build_examples
 from paligemma.mask_encoder import MaskEncoder, crop_resize
 from paligemma.parsing import parse_detections
 from paligemma.segmentation import write_random_weights

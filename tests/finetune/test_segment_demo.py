@@ -1,4 +1,4 @@
-"""The shipped segmenting model (``models/demo-segment``, ``finetune.segment_demo``) and its recipe.
+"""The shipped segmenting model (``models/demo-segment``, ``finetune.recipes.segment_demo``) and its recipe.
 
 - It segments the card's held-out shapes as the card says (mean mask IoU within 0.02; the base scores below
   0.2, the finetuned model above 0.5) on both engines, which answer token for token alike.
@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_utils
 
-from finetune.data import DetectionSet
-from finetune.evaluate import open_engine
-from finetune.segment_data import load_coco_segments
-from finetune.segment_demo import FORMS, SegmentDemoConfig, run_segment_demo, served_scores, train_config
-from finetune.segment_eval import predict_masks, segment_budget
-from finetune.synth import DEFAULT_SHAPES, generate_cached
-from finetune.transfer import train_cached
+from finetune.data.records import DetectionSet
+from finetune.data.segments import load_coco_segments
+from finetune.data.synth import DEFAULT_SHAPES, generate_cached
+from finetune.evaluation.evaluate import open_engine
+from finetune.evaluation.segments import predict_masks, segment_budget
+from finetune.recipes.segment_demo import FORMS, SegmentDemoConfig, run_segment_demo, served_scores, train_config
+from finetune.recipes.transfer import train_cached
 from paligemma.segmentation import MaskDecoder
 from service.app import create_app
 from tests.integration.conftest import vllm_settings
@@ -151,7 +151,7 @@ def test_the_recipe_runs_end_to_end_and_is_cached(
     assert (tmp_path / "model" / "model.safetensors").is_file()
     assert len(list((tmp_path / "out" / "pictures").glob("0*.png"))) == 2
     trained = (tmp_path / "work" / "run" / "model" / "model.safetensors").stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="finetune.transfer"):
+    with caplog.at_level(logging.INFO, logger="finetune.recipes.transfer"):
         assert train_cached(train_config(cfg, Path(cfg.work) / "train"), force=False)["steps"] == 3
     assert "not training again" in caplog.text
     assert (tmp_path / "work" / "run" / "model" / "model.safetensors").stat().st_mtime_ns == trained

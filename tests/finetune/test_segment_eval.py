@@ -13,9 +13,10 @@ import pytest
 from PIL import Image
 from transformers import PaliGemmaProcessor
 
-from finetune.data import Box, DetectionImage, DetectionSet
-from finetune.segment_data import Segment, load_coco_segments, segment_target
-from finetune.segment_eval import PredictedMask, mask_scores, predict_masks
+from finetune.data.records import Box, DetectionImage, DetectionSet
+from finetune.data.segments import Segment, load_coco_segments, segment_target
+from finetune.evaluation.mask_metrics import PredictedMask, mask_scores
+from finetune.evaluation.segments import predict_masks
 from paligemma.grammar import GrammarSpec
 from paligemma.mask_encoder import MaskEncoder
 from paligemma.masks import encode_rle
@@ -104,7 +105,7 @@ def test_bad_inputs_are_reported() -> None:
 
 @pytest.fixture(scope="module")
 def shapes_with_masks(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from finetune.synth import generate
+    from finetune.data.synth import generate
 
     return generate(tmp_path_factory.mktemp("shapes-masks"), 4, seed=7, masks=True)
 
@@ -187,7 +188,7 @@ def test_oracle_answers_score_near_the_codebook_round_trip(
 
 
 def test_demo_model_through_the_transformers_engine(demo_checkpoint: Path, shapes_with_masks: Path) -> None:
-    from finetune.evaluate import open_engine
+    from finetune.evaluation.evaluate import open_engine
 
     data = load_coco_segments(shapes_with_masks / "annotations.json")
 

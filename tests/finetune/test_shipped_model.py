@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from finetune.data import load_coco, load_vqa
-from finetune.demo import DemoConfig, score_heldout
-from finetune.synth import generate
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.synth import generate
+from finetune.recipes.demo import score_heldout
+from finetune.recipes.demo_config import DemoConfig
 
 pytestmark = pytest.mark.slow
 

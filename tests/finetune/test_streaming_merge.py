@@ -1,4 +1,4 @@
-"""The streaming merge (finetune.merge): equal to peft's ``merge_and_unload()``, sharded output, full runs from
+"""The streaming merge (finetune.training.merge): equal to peft's ``merge_and_unload()``, sharded output, full runs from
 sharded directories, no silent partial merge, peft fallback, and peak memory bounded by the output's size."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
 from finetune.config import MergeConfig
-from finetune.merge import LoraPair, merge
+from finetune.training.merge import LoraPair, merge
 from paligemma.checkpoint import (
     TinyConfig,
     build_processor,
@@ -90,7 +90,7 @@ def test_streaming_merge_equals_peft(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     adapter_dir, reference = adapters[kind]
-    with caplog.at_level(logging.WARNING, logger="finetune.merge"):
+    with caplog.at_level(logging.WARNING, logger="finetune.training.merge"):
         out = merge(MergeConfig(run=str(adapter_dir), out=str(tmp_path / "merged"), dtype=dtype))
     assert "peft merge_and_unload" not in caplog.text  # the streaming path, not the fallback
     assert [p.name for p in checkpoint_files(out)] == ["model.safetensors"]
@@ -150,7 +150,7 @@ def test_sharded_merge_and_a_full_run_from_shards(
         assert tensor.dtype == torch.bfloat16 and torch.equal(tensor, single_tensors[name].bfloat16()), name
     info_json = json.loads((full / "merge_info.json").read_text())
     assert info_json["method"] == "full" and len(info_json["weights_sha256"]) == 64
-    with caplog.at_level(logging.INFO, logger="finetune.merge"):
+    with caplog.at_level(logging.INFO, logger="finetune.training.merge"):
         merge(cfg)
     assert "already holds this merge" in caplog.text
     # re-saving single over sharded (and back) leaves no stale files
@@ -180,7 +180,7 @@ def test_dora_falls_back_to_peft(varied_checkpoint: Path, tmp_path: Path, caplog
     adapter_dir, reference = _random_adapter(
         varied_checkpoint, tmp_path / "dora", seed=4, r=4, lora_alpha=8, target_modules=LANGUAGE, use_dora=True
     )
-    with caplog.at_level(logging.WARNING, logger="finetune.merge"):
+    with caplog.at_level(logging.WARNING, logger="finetune.training.merge"):
         out = merge(MergeConfig(run=str(adapter_dir), out=str(tmp_path / "merged"), dtype="float32"))
     assert "use_dora" in caplog.text
     for name, tensor in iter_checkpoint_tensors(out):
@@ -225,7 +225,7 @@ sys.path.insert(0, sys.argv[1])
 import safetensors, torch, transformers  # noqa: F401 - imports are not the merge's memory
 from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor  # noqa: F401
 from finetune.config import MergeConfig
-from finetune.merge import merge
+from finetune.training.merge import merge
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 merge(MergeConfig(run=sys.argv[2], base=sys.argv[3], out=sys.argv[4], dtype="bfloat16"))
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from finetune.data import load_coco, load_vqa
-from finetune.segment_data import decode_mask, load_coco_segments
-from finetune.synth import COLORS, NUMBERS, generate
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.segments import decode_mask, load_coco_segments
+from finetune.data.synth import COLORS, NUMBERS, generate
 
 
 def _digest(root: Path) -> str:

@@ -9,10 +9,12 @@ import pytest
 import torch
 from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
-from finetune.collate import ExampleDataset, PaliGemmaCollator
 from finetune.config import TrainConfig
-from finetune.data import detection_examples, load_coco
-from finetune.train import LANGUAGE_MODEL_PATTERN, train
+from finetune.data.collate import ExampleDataset, PaliGemmaCollator
+from finetune.data.examples import detection_examples
+from finetune.data.loaders import load_coco
+from finetune.training.model import LANGUAGE_MODEL_PATTERN
+from finetune.training.train import train
 
 
 def _loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> float:
@@ -65,7 +67,7 @@ def _coco_subset(root: Path, n: int) -> dict[str, object]:
 
 
 def test_lora_targets_only_the_language_model(tiny_checkpoint: Path, shapes: Path, tmp_path: Path) -> None:
-    from finetune.train import load_model
+    from finetune.training.model import load_model
 
     cfg = TrainConfig(base=str(tiny_checkpoint), out=str(tmp_path), vqa=(str(shapes / "vqa.jsonl"),))
     model, _ = load_model(cfg)
@@ -75,7 +77,7 @@ def test_lora_targets_only_the_language_model(tiny_checkpoint: Path, shapes: Pat
 
 
 def test_full_method_freezes_what_it_is_told(tiny_checkpoint: Path, shapes: Path, tmp_path: Path) -> None:
-    from finetune.train import load_model
+    from finetune.training.model import load_model
 
     cfg = TrainConfig(
         base=str(tiny_checkpoint), out=str(tmp_path), vqa=(str(shapes / "vqa.jsonl"),), method="full",

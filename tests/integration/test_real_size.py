@@ -70,7 +70,7 @@ class Pipeline:
 @pytest.fixture(scope="module", params=ARCHS)
 def pipeline(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Pipeline:
     """random-like -> train (LoRA, default flags) -> merge (default dtype), each a real process."""
-    from finetune.synth import generate
+    from finetune.data.synth import generate
 
     arch = str(request.param)
     work = tmp_path_factory.mktemp(arch)

@@ -43,7 +43,7 @@ def demo_adapter(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
 @pytest.fixture(scope="module")
 def merged(demo_adapter: Path, demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from finetune.config import MergeConfig
-    from finetune.merge import merge
+    from finetune.training.merge import merge
 
     out = tmp_path_factory.mktemp("demo-merged")
     return merge(MergeConfig(run=str(demo_adapter), out=str(out), dtype="float32", base=str(demo_checkpoint)))

@@ -27,7 +27,7 @@ def test_examples_are_listed_with_urls(client: TestClient) -> None:
 
 
 def test_each_example_is_the_held_out_image_it_names(client: TestClient) -> None:
-    from finetune.synth import render
+    from finetune.data.synth import render
 
     for example in client.get("/examples").json()["examples"]:
         response = client.get(example["url"])

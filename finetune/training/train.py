@@ -2,7 +2,7 @@
 
 The Trainer (not a hand-written loop) gives checkpoints, resume, the progress bar, bf16 autocast, gradient
 checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this
-module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.collate`), the method (peft LoRA on
+module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.data.collate`), the method (peft LoRA on
 the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a warmup-stable-decay
 schedule by steps, a wall-clock safety stop, a learning curve and snapshots after fixed steps. Output
 layout of ``cfg.out``::
@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 from transformers import (
-    PaliGemmaConfig,
-    PaliGemmaForConditionalGeneration,
     PaliGemmaProcessor,
     ProgressCallback,
     Trainer,
@@ -37,7 +35,13 @@ from transformers import (
     set_seed,
 )
 
-from finetune.callbacks import (
+from finetune.config import TrainConfig
+from finetune.data.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
+from finetune.data.examples import detection_examples, vqa_examples
+from finetune.data.loaders import load_coco, load_jsonl, load_vqa
+from finetune.data.records import Example
+from finetune.options import FlagError, flag, to_json
+from finetune.training.callbacks import (
     Budget,
     BudgetProgress,
     Curve,
@@ -46,17 +50,13 @@ from finetune.callbacks import (
     gather_if_sharded,
     save_trained,
 )
-from finetune.checkpoints import SealCheckpoints, checkpoints, resume_point
-from finetune.collate import ExampleDataset, PaliGemmaCollator, sequence_lengths
-from finetune.config import FlagError, TrainConfig, flag, to_json
-from finetune.data import Example, detection_examples, load_coco, load_jsonl, load_vqa, vqa_examples
-from finetune.heldout import BEST, HeldOut, HeldOutTrainer, load_heldout
-from paligemma.attention import describe as describe_attention
-from paligemma.attention import global_text_attention
-from service.engines.precision import auto_dtype
+from finetune.training.checkpoints import SealCheckpoints, checkpoints, resume_point
+from finetune.training.heldout import BEST, HeldOut, HeldOutTrainer, load_heldout
+from finetune.training.model import load_model, training_precision, uses_checkpointing
 
 log = logging.getLogger(__name__)
-LANGUAGE_MODEL_PATTERN = r".*language_model.*\.({})$"
+
+
 """LoRA targets match only inside the language model: SigLIP also has ``q_proj``/``k_proj``/``v_proj``."""
 
 
@@ -71,7 +71,7 @@ def build_examples(cfg: TrainConfig) -> list[Example]:
         skipped = len(dataset.issues)
         log.info("%s: %d images, classes %s, %d skipped", path, len(dataset.images), dataset.classes, skipped)
     if cfg.segment_coco:
-        from finetune.segment_data import configured_examples
+        from finetune.data.segments import configured_examples
 
         examples += configured_examples(cfg)
     for path in cfg.jsonl:
@@ -81,61 +81,6 @@ def build_examples(cfg: TrainConfig) -> list[Example]:
     if not examples:
         raise ValueError("the training data holds no usable example (see the skipped-record warnings)")
     return examples
-
-
-def _precision(cfg: TrainConfig) -> str:
-    """``auto``: bf16 on a GPU that supports it; on the CPU, bf16 for a checkpoint stored in bfloat16 on a CPU
-    that runs it (:func:`service.engines.precision.auto_dtype`), else fp32."""
-    if cfg.precision != "auto":
-        return cfg.precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if auto_dtype(cfg.base, "cpu")[0] == "bfloat16" else "fp32"
-
-
-def load_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """Base model (4-bit for qlora) with the method applied, and its processor."""
-    processor = PaliGemmaProcessor.from_pretrained(cfg.base)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
-    if cfg.method == "qlora":
-        if not torch.cuda.is_available():
-            raise RuntimeError(f"{flag('method')} qlora needs a CUDA GPU (bitsandbytes 4-bit); use lora or full here")
-        from transformers import BitsAndBytesConfig
-
-        kwargs = {
-            "dtype": torch.bfloat16,
-            "quantization_config": BitsAndBytesConfig(  # type: ignore[no-untyped-call]
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16
-            ),
-            "device_map": {"": torch.cuda.current_device()},
-        }
-    elif cfg.method == "lora" and _precision(cfg) == "bf16":
-        kwargs["dtype"] = torch.bfloat16  # the frozen base in bf16; LoRA weights stay fp32
-    base = str(Path(cfg.base).resolve()) if Path(cfg.base).is_dir() else cfg.base  # recorded in the adapter
-    config = PaliGemmaConfig.from_pretrained(base)
-    if not cfg.keep_sliding_window:
-        global_text_attention(config)  # as big_vision trained PaliGemma 2 (paligemma.attention)
-    log.info("%s", describe_attention(config, keep_sliding_window=cfg.keep_sliding_window))
-    model = PaliGemmaForConditionalGeneration.from_pretrained(base, config=config, **kwargs)
-    if cfg.method == "full":
-        for part, frozen in (("vision_tower", cfg.freeze_vision), ("multi_modal_projector", cfg.freeze_projector)):
-            for param in getattr(model.model, part).parameters():
-                param.requires_grad_(not frozen)
-        return model, processor
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-
-    if cfg.method == "qlora":
-        model = prepare_model_for_kbit_training(  # type: ignore[no-untyped-call]
-            model, use_gradient_checkpointing=_checkpointing(cfg)
-        )
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=LANGUAGE_MODEL_PATTERN.format("|".join(cfg.lora_targets)),
-        task_type="CAUSAL_LM",
-    )
-    return get_peft_model(model, lora), processor
 
 
 def _max_length(cfg: TrainConfig, examples: list[Example]) -> int | None:
@@ -162,17 +107,8 @@ def _max_length(cfg: TrainConfig, examples: list[Example]) -> int | None:
     return cfg.max_length
 
 
-CHECKPOINTING_ABOVE_PARAMS = 1_000_000_000
 """On the CPU, gradient checkpointing is on by default for models above this size (every real PaliGemma):
 PaliGemma 2 3B at batch 8 would otherwise keep about 4 GiB of activations per example."""
-
-
-def _checkpointing(cfg: TrainConfig, model: Any = None) -> bool:
-    if cfg.gradient_checkpointing is not None:
-        return cfg.gradient_checkpointing
-    if torch.cuda.is_available() or model is None:
-        return torch.cuda.is_available()
-    return bool(sum(p.numel() for p in model.parameters()) > CHECKPOINTING_ABOVE_PARAMS)
 
 
 def train_record(cfg: TrainConfig) -> dict[str, Any]:
@@ -196,8 +132,8 @@ def _workers(cfg: TrainConfig) -> int:
 
 def training_arguments(cfg: TrainConfig, model: Any, heldout: HeldOut | None) -> TrainingArguments:
     """The Trainer's arguments for ``cfg``: checkpoints every ``--save-steps`` (rotated by
-    :mod:`finetune.checkpoints`, not by the Trainer), held-out scoring every ``--eval-steps``."""
-    precision = _precision(cfg)
+    :mod:`finetune.training.checkpoints`, not by the Trainer), held-out scoring every ``--eval-steps``."""
+    precision = training_precision(cfg)
     workers = _workers(cfg)
     return TrainingArguments(
         output_dir=cfg.out,
@@ -218,7 +154,7 @@ def training_arguments(cfg: TrainConfig, model: Any, heldout: HeldOut | None) ->
         eval_steps=cfg.eval_steps or cfg.save_steps,
         seed=cfg.seed,
         bf16=precision == "bf16",
-        gradient_checkpointing=_checkpointing(cfg, model),
+        gradient_checkpointing=uses_checkpointing(cfg, model),
         gradient_checkpointing_kwargs={"use_reentrant": False},
         remove_unused_columns=False,
         label_names=["labels"],
@@ -235,7 +171,7 @@ def train(cfg: TrainConfig) -> Path:
 
     The same config trains the same weights in any process (everything is seeded before the model is built,
     LoRA's random init included), and a run killed at any moment then restarted with ``--resume`` ends
-    with the same weights as one never interrupted (:mod:`finetune.checkpoints`)."""
+    with the same weights as one never interrupted (:mod:`finetune.training.checkpoints`)."""
     _check_launch(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -1,8 +1,9 @@
-"""The demo model's card (``README.md`` beside its weights), written from its ``report.json``.
+"""The demo model's and the LoRA adapter's cards (``README.md`` beside the weights), written from their reports.
 
 A model folder that ships (``models/demo``) says what it is like any model a user downloads: how it was
 made (the command, the steps, the machine), and what it scores on data it never saw. Every figure comes
-from the report of the run that produced the weights.
+from the report of the run that produced the weights. The cards take plain data (the report, and the recipe
+command's defaults, to show only the flags that differ), so this module imports no recipe.
 """
 
 from __future__ import annotations
@@ -12,13 +13,9 @@ from pathlib import Path
 from typing import Any
 
 
-def _flags(recipe: dict[str, Any], default: dict[str, Any] | None = None) -> str:
-    """The recipe's flags that differ from ``default`` (the ``python -m finetune demo`` defaults unless
-    given; none for a shipped recipe)."""
-    from finetune.config import to_json
-    from finetune.demo import DemoConfig
-
-    default = default or to_json(DemoConfig())
+def _flags(recipe: dict[str, Any], default: dict[str, Any]) -> str:
+    """The recipe's flags that differ from ``default``, the recipe command's defaults (none for a shipped
+    recipe)."""
     changed = []
     for name, value in recipe.items():
         if name in ("out", "report", "work", "adapter", "force") or value == default[name]:
@@ -39,11 +36,11 @@ def _scores_row(name: str, step: int, seconds: float, heldout: dict[str, Any]) -
     return "| " + " | ".join([*cells, f"{vqa['accuracy']:.3f}"]) + " |"
 
 
-def card_text(report: dict[str, Any], date: str) -> str:
+def card_text(report: dict[str, Any], date: str, defaults: dict[str, Any]) -> str:
     """The card's markdown."""
     recipe, training, final = report["recipe"], report["training"], report["heldout"]
     classes = " / ".join(final["detection"]["ap_50"])
-    flags = _flags(recipe)
+    flags = _flags(recipe, defaults)
     command = f"python -m finetune demo{' ' + flags if flags else ''}"
     rows = [_scores_row("final", training["steps"], training["seconds"], final)]
     rows += [_scores_row("snapshot", p["step"], p["seconds"], p["heldout"]) for p in report["curve"][:-1]]
@@ -91,22 +88,20 @@ Every number here is in `report.json` beside this file.
 """
 
 
-def write_card(out: Path, report: dict[str, Any]) -> Path:
+def write_card(out: Path, report: dict[str, Any], defaults: dict[str, Any]) -> Path:
     """Write ``out/README.md`` from ``report``; returns its path."""
     path = out / "README.md"
-    path.write_text(card_text(report, datetime.date.today().isoformat()))
+    path.write_text(card_text(report, datetime.date.today().isoformat(), defaults))
     return path
 
 
-def adapter_card_text(report: dict[str, Any], date: str) -> str:
-    """The LoRA adapter's card (``finetune.transfer``): what it teaches, how it was made, the table."""
-    from finetune.config import to_json
-    from finetune.served import table_markdown
-    from finetune.transfer import TransferConfig
+def adapter_card_text(report: dict[str, Any], date: str, defaults: dict[str, Any]) -> str:
+    """The LoRA adapter's card (``finetune.recipes.transfer``): what it teaches, how it was made, the table."""
+    from finetune.evaluation.served import table_markdown
 
     recipe, run = report["recipe"], report["train"]
     new, prompts = recipe["new_class"], report["heldout"]["prompts"]
-    flags = _flags(recipe, to_json(TransferConfig()))
+    flags = _flags(recipe, defaults)
     scores = report["forms"]["scores"]
     kept = ", ".join(
         f"{c} {scores['adapter (transformers)']['old']['ap_50'][c] - scores['base']['old']['ap_50'][c]:+.3f}"
@@ -139,8 +134,8 @@ and send `adapter={new}`. Every number here is in `report.json` beside this file
 """
 
 
-def write_adapter_card(adapter: Path, report: dict[str, Any]) -> Path:
+def write_adapter_card(adapter: Path, report: dict[str, Any], defaults: dict[str, Any]) -> Path:
     """Write ``adapter/README.md`` from ``report``; returns its path."""
     path = adapter / "README.md"
-    path.write_text(adapter_card_text(report, datetime.date.today().isoformat()))
+    path.write_text(adapter_card_text(report, datetime.date.today().isoformat(), defaults))
     return path

@@ -1,11 +1,11 @@
 """Held-out scores while training: mAP@0.5 and VQA accuracy of the model being trained, on the learning curve.
 
-The scores come from the project's own evaluation (:func:`finetune.evaluate.evaluate`) through the
+The scores come from the project's own evaluation (:func:`finetune.evaluation.evaluate.evaluate`) through the
 service's transformers engine (:class:`service.engines.hf_engine.HFEngine`) wrapped around the live model,
 so they are the numbers ``python -m finetune eval`` gives for the same weights, without saving or merging
 anything. :class:`HeldOutTrainer` plugs them into the Trainer's own evaluation hook: they are logged as
 ``eval_map_50`` / ``eval_vqa_accuracy`` (TensorBoard: ``eval/map_50``), written to ``learning_curve.json``
-(:class:`finetune.callbacks.Curve`), and with ``--keep-best`` the best-scoring model is saved to ``best/``.
+(:class:`finetune.training.callbacks.Curve`), and with ``--keep-best`` the best-scoring model is saved to ``best/``.
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ from typing import Any
 
 from transformers import Trainer
 
-from finetune.callbacks import save_trained
 from finetune.config import TrainConfig
-from finetune.data import DetectionSet, VQARecord, load_coco, load_vqa
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.records import DetectionSet, VQARecord
+from finetune.training.callbacks import save_trained
 
 log = logging.getLogger(__name__)
 BEST = "best"
@@ -57,7 +58,7 @@ def load_heldout(cfg: TrainConfig) -> HeldOut | None:
 
 
 async def _scores(model: Any, processor: Any, heldout: HeldOut, batch_size: int) -> dict[str, float]:
-    from finetune.evaluate import evaluate
+    from finetune.evaluation.evaluate import evaluate
     from service.engines.hf_engine import HFEngine
 
     engine = HFEngine(model, processor, model_name="training", max_batch_size=batch_size, max_queue_size=1_000_000)

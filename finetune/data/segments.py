@@ -32,17 +32,9 @@ import numpy as np
 from pycocotools import mask as mask_utils
 
 from finetune.config import TrainConfig
-from finetune.data import (
-    Box,
-    DetectionImage,
-    DetectionSet,
-    Example,
-    OnError,
-    _loc,
-    load_coco,
-    prompt_groups,
-    reading_order,
-)
+from finetune.data.examples import _loc, prompt_groups, reading_order
+from finetune.data.loaders import load_coco
+from finetune.data.records import Box, DetectionImage, DetectionSet, Example, OnError
 from paligemma import prompts
 from paligemma.mask_encoder import MaskEncoder, crop_box, crop_resize
 from paligemma.tokens import SEG_TOKENS

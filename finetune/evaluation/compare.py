@@ -1,6 +1,6 @@
 """Before/after comparison: a base and a finetuned model on the same held-out images (``eval --compare``).
 
-Each model is scored by :func:`finetune.evaluate.evaluate` in turn (one engine loaded at a time, so two
+Each model is scored by :func:`finetune.evaluation.evaluate.evaluate` in turn (one engine loaded at a time, so two
 large models never share the accelerator), which writes its own ``base/`` and ``finetuned/`` report and
 predictions. This module then reads both predictions back and writes, under ``out``:
 
@@ -8,7 +8,7 @@ predictions. This module then reads both predictions back and writes, under ``ou
 - ``report.md``: the same as tables (also printed by the CLI);
 - ``pictures/NNN.png``: one per detection image, left the base model, right the finetuned one, each
   panel with the ground truth in green and the model's boxes in blue (label and score), and the
-  per-image IoU of both under the panels (:func:`finetune.evaluate.comparison_picture`'s columns);
+  per-image IoU of both under the panels (:func:`finetune.evaluation.evaluate.comparison_picture`'s columns);
 - ``pictures/vqa-NNN.png``: the image with the question, the reference answer and both answers under it;
 - ``contact_sheet.png`` / ``contact_sheet_vqa.png``: the first ``sheet`` comparisons in one grid.
 
@@ -28,10 +28,11 @@ from typing import Any
 
 from PIL import Image, ImageDraw, ImageFont
 
-from finetune.data import Box, DetectionSet, VQARecord
-from finetune.evaluate import PICTURE_SIDE, comparison_picture, evaluate
-from finetune.images import load_training_image
-from finetune.metrics import answer_accuracy
+from finetune.data.images import load_training_image
+from finetune.data.records import Box, DetectionSet, VQARecord
+from finetune.evaluation.evaluate import evaluate
+from finetune.evaluation.metrics import answer_accuracy
+from finetune.evaluation.pictures import PICTURE_SIDE, comparison_picture
 from paligemma.draw import GROUND_TRUTH, contact_sheet
 
 log = logging.getLogger(__name__)

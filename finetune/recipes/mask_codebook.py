@@ -36,7 +36,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from finetune.synth import SHAPES, Shape, _draw
+from finetune.data.synth import SHAPES, Shape, _draw
 from paligemma import mask_encoder, segmentation
 from paligemma.mask_encoder import MaskEncoder, crop_resize
 from paligemma.segmentation import GRID, MaskDecoder, encoder_weight_shapes, paste_mask
@@ -85,7 +85,7 @@ def sample(rng: random.Random, kind: str) -> tuple[np.ndarray, Box]:
 
 
 def _drawn(kind: str, box: Box, size: tuple[int, int]) -> Image.Image:
-    """A one-channel image of ``kind`` filling ``box``, drawn by the demo's own :func:`finetune.synth._draw`."""
+    """A one-channel image of ``kind`` filling ``box``, drawn by the demo's own :func:`finetune.data.synth._draw`."""
     image = Image.new("RGB", size)
     _draw(ImageDraw.Draw(image), Shape(kind, "white", box))
     return image.getchannel(0)

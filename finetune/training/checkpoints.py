@@ -22,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback, TrainerControl, TrainerState
 
-from finetune.callbacks import Budget
+from finetune.training.callbacks import Budget
 
 log = logging.getLogger(__name__)
 SEAL = "sealed.json"

@@ -1,6 +1,6 @@
 """One LoRA adapter, every way it can be served: held-out figures per form and token-for-token agreement.
 
-The forms (:data:`FORMS`) run on the service's own engines (:func:`finetune.evaluate.open_engine`), one
+The forms (:data:`FORMS`) run on the service's own engines (:func:`finetune.evaluation.evaluate.open_engine`), one
 engine at a time, each answering the same ``detect`` prompts on the same images. Every answer's token ids
 are kept, so besides AP@0.5 per class the report counts, for each served form, the answers equal to
 the unmerged adapter's (the reference: what training produced) token for token.
@@ -13,9 +13,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from finetune.data import DetectionSet
-from finetune.evaluate import answers_to_boxes, detection_answers, open_engine
-from finetune.metrics import coco_map
+from finetune.data.records import DetectionSet
+from finetune.evaluation.evaluate import answers_to_boxes, detection_answers, open_engine
+from finetune.evaluation.metrics import coco_map
 from service.engines.protocol import Engine
 
 FORMS = ("base", "adapter (transformers)", "merged (transformers)", "merged (vLLM)", "adapter per request (vLLM)")
@@ -89,7 +89,7 @@ async def compare_pictures(
     base: Path, tuned: Path, heldout: DetectionSet, classes: list[str], out: Path, count: int
 ) -> list[str]:
     """``eval --compare``'s pictures and contact sheet: base left, ``tuned`` right; returns their paths."""
-    from finetune.compare import compare
+    from finetune.evaluation.compare import compare
 
     engines = {"base": open_engine(base), "finetuned": open_engine(tuned)}
     report = await compare(

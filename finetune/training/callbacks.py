@@ -16,7 +16,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import ProgressCallback, TrainerCallback, TrainerControl, TrainerState
 
-from finetune.config import flag
+from finetune.options import flag
 from paligemma.checkpoint import save_checkpoint
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,7 @@ class Curve(TrainerCallback):
 
     def draw(self) -> Path:
         """``learning_curve.png`` beside the JSON: the loss, and the held-out scores on a 0-1 axis."""
-        from finetune.plot import learning_curve_png
+        from finetune.training.plot import learning_curve_png
 
         names = {"eval_map_50": "held-out mAP@0.5", "eval_vqa_accuracy": "held-out VQA accuracy"}
         scores = {

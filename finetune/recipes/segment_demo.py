@@ -20,7 +20,7 @@ first object to 0.27 for the fourth, and the mean mask IoU was 0.564. Why for ``
 first, whatever class was asked (mean mask IoU 0.08).
 
 Held-out figures (images of their own seed, never trained on): mean mask IoU with the ground truth and mask mAP
-(:mod:`finetune.segment_eval`) for the base and the finetuned model on each engine, how many
+(:mod:`finetune.evaluation.segments`) for the base and the finetuned model on each engine, how many
 answers the two engines give token for token alike, and the ``detect`` mAP before and after. Training is bounded
 by steps (cached in ``work`` while its config is unchanged); wall time is only reported.
 """
@@ -36,10 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import MergeConfig, TrainConfig, to_json
-from finetune.data import DetectionSet
-from finetune.synth import DEFAULT_SHAPES, generate_cached
-from finetune.transfer import train_cached
+from finetune.config import MergeConfig, TrainConfig
+from finetune.data.records import DetectionSet
+from finetune.data.synth import DEFAULT_SHAPES, generate_cached
+from finetune.options import to_json
+from finetune.recipes.transfer import train_cached
 
 log = logging.getLogger(__name__)
 FORMS = ("base (transformers)", "finetuned (transformers)", "finetuned (vLLM)")
@@ -129,10 +130,11 @@ async def served_scores(
 ) -> dict[str, Any]:
     """Each form's mask and box scores on the held-out set, and how many answers the engines share; with
     ``pictures``, the first ``cfg.pictures`` images as ground truth | base | finetuned (vLLM), and a sheet."""
-    from finetune.evaluate import answers_to_boxes, detection_answers, open_engine
-    from finetune.metrics import coco_map
-    from finetune.segment_data import load_coco_segments
-    from finetune.segment_eval import PredictedMask, mask_scores, predict_masks
+    from finetune.data.segments import load_coco_segments
+    from finetune.evaluation.evaluate import answers_to_boxes, detection_answers, open_engine
+    from finetune.evaluation.mask_metrics import PredictedMask, mask_scores
+    from finetune.evaluation.metrics import coco_map
+    from finetune.evaluation.segments import predict_masks
     from paligemma.segmentation import MaskDecoder
 
     heldout = load_coco_segments(held / "annotations.json")
@@ -168,8 +170,9 @@ async def served_scores(
 def before_after(heldout: DetectionSet, panels: dict[str, Any], out: Path, count: int) -> None:
     """``out/NNN.png``: ground truth, then each panel's masks, for the first ``count`` images; ``out/sheet.png``
     stacks the first two."""
-    from finetune.images import load_training_image
-    from finetune.segment_eval import segment_picture, truth_masks
+    from finetune.data.images import load_training_image
+    from finetune.evaluation.mask_metrics import truth_masks
+    from finetune.evaluation.segments import segment_picture
     from paligemma.draw import contact_sheet
 
     out.mkdir(parents=True, exist_ok=True)
@@ -209,7 +212,7 @@ def card_text(report: dict[str, Any], date: str) -> str:
 big_vision's segmentation data asks one object per prompt; `detect circle` too): per object 4 `<loc>` and 16
 `<seg>` tokens, whose masks the VQ-VAE `{weights}` decodes (its encoder made the targets). `detect` is trained on
 the same images, so it is kept. Every weight is trained: the base never saw a
-`<seg>` token, so their embeddings were random, and LoRA cannot reach them (`finetune/segment_demo.py`).
+`<seg>` token, so their embeddings were random, and LoRA cannot reach them (`finetune/recipes/segment_demo.py`).
 
 Made by `python -m finetune segment-demo` (`make demo-segment`) on {date} ({run["threads"]} thread,
 {run["cpu_count"]} cores): {run["steps"]:,} steps of batch {run["batch_size"]} in {run["seconds"] / 60:.1f} min,
@@ -221,7 +224,7 @@ by time.
 Held-out: {heldout["images"]} images (seed {recipe["heldout_seed"]}), never trained on, asked
 `segment circle`, `segment square` and `segment triangle` as `/segment` asks (constrained decoding, masks decoded
 and pasted as the service does). Mean mask IoU: each ground-truth object matched one to one to a predicted mask
-of its class, a missed object counting 0 (`finetune/segment_eval.py`); mask AP from pycocotools `segm`; detect
+of its class, a missed object counting 0 (`finetune/evaluation/segments.py`); mask AP from pycocotools `segm`; detect
 mAP@0.5 from
 `detect circle`, `detect square` and `detect triangle`. Both engines gave the same text for
 {heldout["same_text_engines"]}/{heldout["prompts"]} segment prompts.
@@ -235,8 +238,8 @@ Every number here is in `report.json` beside this file.
 
 def run_segment_demo(cfg: SegmentDemoConfig) -> dict[str, Any]:
     """Data, training, the float32 checkpoint, held-out scores on both engines, pictures; returns the report."""
-    from finetune.merge import merge
-    from finetune.train import train_record
+    from finetune.training.merge import merge
+    from finetune.training.train import train_record
 
     out = Path(cfg.out)
     train, held = training_data(cfg)

@@ -9,7 +9,7 @@ of ``classes_per_prompt`` (0: all in one prompt, as trained with ``prompt_style=
 per class). A parsed box keeps its own label when that label was asked for; a box without a label counts
 as the asked class when only one was asked; anything else is dropped. Each box is scored by the geometric
 mean of its token probabilities (``paligemma.parsing``); COCO mAP comes from pycocotools
-(:mod:`finetune.metrics`).
+(:mod:`finetune.evaluation.metrics`).
 VQA: ``answer en <question>``, normalised exact match / VQAv2 accuracy.
 
 Report directory: ``report.json`` (numbers), ``predictions.json`` (every box and answer) and
@@ -31,19 +31,20 @@ from typing import Any
 
 from PIL import Image
 
-from finetune.data import Box, DetectionImage, DetectionSet, VQARecord
-from finetune.images import load_training_image
-from finetune.metrics import coco_map, vqa_accuracy
+from finetune.data.images import load_training_image
+from finetune.data.records import Box, DetectionImage, DetectionSet, VQARecord
+from finetune.evaluation.metrics import coco_map, vqa_accuracy
+from finetune.evaluation.pictures import write_pictures
 from paligemma import prompts
-from paligemma.draw import GROUND_TRUTH, PREDICTION, draw_detections, side_by_side
 from paligemma.grammar import GrammarSpec
 from paligemma.parsing import parse_detection_token_ids
 from paligemma.tokens import SpecialIds
 from service.engines.protocol import Engine, Generation, GenerationRequest
 
 log = logging.getLogger(__name__)
+
+
 VQA_MAX_NEW_TOKENS = 16
-PICTURE_SIDE = 336
 """Pictures are drawn on the image scaled to this short side, so 112-px images stay readable."""
 
 
@@ -152,44 +153,6 @@ async def predict_answers(engine: Engine, records: Sequence[VQARecord], *, concu
     return [" ".join(g.text.replace("<eos>", " ").split()) for g in generations]
 
 
-def _scaled(boxes: Sequence[Box], factor: float) -> list[Box]:
-    return [Box(b.label, tuple(v * factor for v in b.box), b.score) for b in boxes]  # type: ignore[arg-type]
-
-
-def comparison_picture(
-    image: Image.Image,
-    ground_truth: Sequence[Box],
-    columns: Sequence[tuple[str, Sequence[Box]]],
-    *,
-    truth_in_columns: bool = False,
-) -> Image.Image:
-    """Ground truth (green) then one panel per ``(title, predictions)`` column (blue, label and score).
-
-    ``truth_in_columns``: no ground-truth panel; the truth is drawn in green under every column's
-    predictions instead, so the columns compare directly (``eval --compare``: base left, finetuned right).
-    """
-    factor = max(1.0, PICTURE_SIDE / min(image.size))
-    big = image.resize((round(image.width * factor), round(image.height * factor)), Image.Resampling.BICUBIC)
-    truth = draw_detections(big, _scaled(ground_truth, factor), color=GROUND_TRUTH, show_score=False)
-    under, panels, titles = (truth, [], []) if truth_in_columns else (big, [truth], ["ground truth"])
-    panels += [draw_detections(under, _scaled(boxes, factor), color=PREDICTION) for _, boxes in columns]
-    return side_by_side(panels, titles=[*titles, *(title for title, _ in columns)])
-
-
-def write_pictures(
-    dataset: DetectionSet, columns: Sequence[tuple[str, dict[int, list[Box]]]], out: Path, count: int
-) -> list[str]:
-    """``count`` comparison pictures (first images of ``dataset``) under ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(dataset.images[:count]):
-        cols = [(title, preds.get(image.image_id, [])) for title, preds in columns]
-        path = out / f"{i:03d}.png"
-        comparison_picture(load_training_image(image.path), image.objects, cols).save(path)
-        paths.append(str(path))
-    return paths
-
-
 async def evaluate(
     engine: Engine,
     *,
@@ -208,8 +171,8 @@ async def evaluate(
     """Score ``engine`` on a detection set and/or VQA records; with ``out``, write the report and pictures.
     ``adapter``: the LoRA adapter every detection request selects (None: the engine's model itself).
     ``segmentation_weights`` (a mask VQ-VAE): ``segment`` prompts too, beside ``detect``, on the same set
-    (loaded with masks: ``finetune.segment_data.load_coco_segments``), ``segment_classes_per_prompt`` classes
-    per prompt (0: all in one); see :mod:`finetune.segment_eval`."""
+    (loaded with masks: ``finetune.data.segments.load_coco_segments``), ``segment_classes_per_prompt`` classes
+    per prompt (0: all in one); see :mod:`finetune.evaluation.segments`."""
     start = time.monotonic()
     report: dict[str, Any] = {"model": engine.model_name, "engine": engine.name, "adapter": adapter}
     records: dict[str, Any] = {}
@@ -230,7 +193,7 @@ async def evaluate(
         records["detection"] = {str(k): [asdict(b) for b in v] for k, v in preds.items()}
         log.info("detection: mAP %.3f, mAP@0.5 %.3f", report["detection"]["map"], report["detection"]["map_50"])
     if detection is not None and segmentation_weights is not None:
-        from finetune.segment_eval import segmentation_report  # imports evaluate: not at the top
+        from finetune.evaluation.segments import segmentation_report  # imports evaluate: not at the top
 
         report["segmentation"], records["segmentation"] = await segmentation_report(
             engine,

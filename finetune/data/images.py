@@ -8,7 +8,7 @@ instead each image is decoded when a batch needs it and resized at once to the p
 Why the header check: a bad file (empty, not an image, a decompression bomb, a phone photo annotated in its
 stored orientation) should be a reported record when the data loads, not a crash hours into training.
 Opening the header reads a few KB and decodes no pixel: seconds for 10,000 files. A file whose pixel data
-is bad (a truncated JPEG) still passes; :class:`finetune.collate.ExampleDataset` handles that one.
+is bad (a truncated JPEG) still passes; :class:`finetune.data.collate.ExampleDataset` handles that one.
 
 Decoding is the service's :func:`service.images.decode_image` (format allow-list, pixel limit, truncated
 files fail, EXIF orientation, 16-bit grayscale scaled, CMYK and alpha to RGB): one decoder for training and
@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 
 from PIL import ExifTags, Image
 
+from finetune.data.records import DataError
 from service.errors import ServiceError
 from service.images import SWAPPING_ORIENTATIONS, ImageLimits, decode_image, open_header
 from service.model_input import resize_exact, resize_of
@@ -124,8 +125,6 @@ def load_training_image(
 
     Raises :class:`finetune.data.DataError` with ``"FILE: REASON"``.
     """
-    from finetune.data import DataError  # imported here: finetune.data imports this module for ImageCheck
-
     try:
         with Path(path).open("rb") as fh:
             data = fh.read(limits.max_bytes + 1)  # one byte more than allowed is enough to refuse it

@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from finetune.config import MergeConfig, flag
+from finetune.config import MergeConfig
+from finetune.options import flag
 from paligemma.checkpoint import adapter_base, hub_name, save_checkpoint, set_config_dtype
 from paligemma.shards import (
     DEFAULT_SHARD_BYTES,

@@ -33,9 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.config import MergeConfig, TrainConfig, flag, to_json
-from finetune.data import DetectionSet, load_coco
-from finetune.synth import generate_cached
+from finetune.config import MergeConfig, TrainConfig
+from finetune.data.loaders import load_coco
+from finetune.data.records import DetectionSet
+from finetune.data.synth import generate_cached
+from finetune.options import flag, to_json
 
 log = logging.getLogger(__name__)
 OLD = ("circle", "square", "triangle")
@@ -48,7 +50,7 @@ class TransferConfig:
     base: str = "models/demo"
     """The model to adapt (hub layout)."""
     new_class: str = "diamond"
-    """The shape to teach (one that finetune.synth draws)."""
+    """The shape to teach (one that finetune.data.synth draws)."""
     adapter: str = "artifacts/demo-lora/adapter"
     """Where the adapter goes, with its card (README.md) and report.json; its base is recorded relative to it."""
     out: str = "artifacts/demo-lora"
@@ -86,7 +88,7 @@ class TransferConfig:
     """Train again even if --work holds this run."""
 
     def __post_init__(self) -> None:
-        from finetune.synth import SHAPES
+        from finetune.data.synth import SHAPES
 
         if self.new_class not in SHAPES or self.new_class in OLD:
             raise ValueError(f"{flag('new_class')} must be a shape synth draws besides {', '.join(OLD)}")
@@ -120,7 +122,7 @@ def train_config(cfg: TransferConfig, new: Path, old: Path) -> TrainConfig:
 
 def train_cached(run: TrainConfig, force: bool) -> dict[str, Any]:
     """Train unless ``run.out`` already holds this exact run; returns its train_result.json."""
-    from finetune.train import train, train_record
+    from finetune.training.train import train, train_record
 
     out = Path(run.out)
     record = train_record(run)
@@ -148,9 +150,9 @@ def ship_adapter(trained: Path, adapter: Path, base: Path) -> Path:
 
 def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
     """Data, LoRA training, merge, the served-forms table and pictures; returns the report."""
-    from finetune.card import write_adapter_card
-    from finetune.merge import merge
-    from finetune.served import compare_pictures, served_forms
+    from finetune.evaluation.served import compare_pictures, served_forms
+    from finetune.recipes.card import write_adapter_card
+    from finetune.training.merge import merge
 
     work, out, adapter = Path(cfg.work), Path(cfg.out), Path(cfg.adapter)
     shapes = (*OLD, cfg.new_class)
@@ -178,6 +180,6 @@ def run_transfer(cfg: TransferConfig) -> dict[str, Any]:
     (out / "report").mkdir(parents=True, exist_ok=True)
     (out / "report" / "report.json").write_text(text)
     (adapter / "report.json").write_text(text)
-    write_adapter_card(adapter, report)
+    write_adapter_card(adapter, report, to_json(TransferConfig()))
     log.info("adapter %s (card README.md), merged %s, report %s", adapter, merged, out / "report")
     return report

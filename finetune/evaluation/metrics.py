@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from finetune.data import Box, DetectionSet, VQARecord
+from finetune.data.records import Box, DetectionSet, VQARecord
 
 _WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten")
 _NUMBERS = {w: str(i) for i, w in enumerate(_WORDS)}

@@ -5,7 +5,7 @@ generate synthetic shapes (a 1-4-shape training set, a one-shape set and a held-
 seed), train every weight from scratch (method ``full``: LoRA on a random base would only learn a low-rank
 change of noise) through a three-stage curriculum, save the model in the hub layout with a model card,
 then evaluate it on the held-out set through the transformers service engine, next to two trivial
-baselines (:mod:`finetune.metrics`). The shipped result lives in ``models/demo`` (what ``make serve``
+baselines (:mod:`finetune.evaluation.metrics`). The shipped result lives in ``models/demo`` (what ``make serve``
 serves); this command retrains into ``artifacts/`` and says how to promote the result.
 
 Every stage is bounded by **steps**, never by time: the same command trains the same steps and, with the
@@ -36,149 +36,34 @@ import os
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from finetune.config import MergeConfig, TrainConfig, flag, to_json
-from finetune.data import DetectionSet, load_coco, load_vqa
-from finetune.synth import generate_cached
-from paligemma.checkpoint import TinyConfig, build_tiny_checkpoint
+from finetune.config import MergeConfig, TrainConfig
+from finetune.data.loaders import load_coco, load_vqa
+from finetune.data.records import DetectionSet
+from finetune.data.synth import generate_cached
+from finetune.options import flag, to_json
+from finetune.recipes.demo_config import PRESETS, DemoConfig, Stage, curriculum
+from paligemma.checkpoint import build_tiny_checkpoint
 
 log = logging.getLogger(__name__)
-PRESETS: dict[str, TinyConfig] = {
-    "tiny": TinyConfig(),
-    "small": TinyConfig(vision_layers=4, vision_hidden=192, vision_heads=3, text_layers=4),
-    "medium": TinyConfig(
-        vision_layers=4,
-        vision_hidden=256,
-        vision_heads=4,
-        text_layers=4,
-        text_hidden=256,
-        text_heads=4,
-        intermediate=512,
-    ),
-    "fine": TinyConfig(patch_size=8),
-}
+
+
 """Model shapes (all run in vLLM's CPU backend: text head_dim 64). ``fine`` has 8-px patches (196 tokens)."""
 
 
-SHIPPED = Path(__file__).resolve().parents[1] / "models" / "demo"
+SHIPPED = Path(__file__).resolve().parents[2] / "models" / "demo"
 """The committed demo model (``make serve``'s default)."""
-
-
-@dataclass
-class DemoConfig:
-    """The benchmark's knobs; the defaults are the recipe of the shipped model (``models/demo``)."""
-
-    out: str = "artifacts/demo-model"
-    """The trained model, in the hub layout, with README.md (model card) and report.json."""
-    report: str = "artifacts/demo-report"
-    """report.json, learning_curve.json/.png, pictures/."""
-    work: str = "artifacts/demo-work"
-    """Base model, synthetic data, training runs and snapshots."""
-    preset: Literal["tiny", "small", "medium", "fine"] = "tiny"
-    """Model shape (see finetune.demo.PRESETS)."""
-    sinusoid_locs: bool = True
-    """Start the base's <locNNNN> embeddings as sinusoids of the bin, not noise (see
-    paligemma.checkpoint.TinyConfig)."""
-    train_images: int = 20000
-    """Synthetic training images with 1-4 shapes (seed --train-seed)."""
-    one_shape_images: int = 6000
-    """Synthetic one-shape images for curriculum stages 1 and 2 (seed --one-shape-seed)."""
-    questions_per_image: int = 1
-    """VQA questions per synthetic image (train and held-out)."""
-    heldout_images: int = 200
-    """Held-out images (seed --heldout-seed), never seen in training."""
-    train_seed: int = 1
-    """Seed of the training set."""
-    one_shape_seed: int = 3
-    """Seed of the one-shape set."""
-    heldout_seed: int = 2
-    """Seed of the held-out set."""
-    steps: int = 16000
-    """Optimiser steps of all training; stage 3 trains what stages 1 and 2 leave."""
-    shape_steps: int = 600
-    """Stage 1: shape questions only, on one-shape images."""
-    one_shape_steps: int = 1000
-    """Stage 2: detection and shape questions on one-shape images."""
-    shape_lr: float = 3e-4
-    """Learning rate of stage 1 (at 1e-3 the shape answer stays at chance)."""
-    lr: float = 1e-3
-    """Learning rate of stages 2 and 3 (AdamW, constant after warm-up)."""
-    decay_steps: int = 4000
-    """Stage 3's last steps, over which its learning rate falls linearly to 0 (0: no decay, so the model
-    is the longer recipe's snapshot after --steps)."""
-    warmup_steps: int = 20
-    """Linear warm-up steps at the start of each stage."""
-    threads: int = 2
-    """CPU threads for training and evaluation (the result depends on it, not on the machine's load)."""
-    batch_size: int = 32
-    """Examples per step."""
-    absent_per_image: int = 3
-    """Absent classes added to each detection prompt (3: every prompt lists all three shapes)."""
-    loc_stride: int = 1
-    """Round box targets to every Nth loc bin (see finetune.data); 1 keeps big_vision's exact bins."""
-    curve_steps: tuple[int, ...] = (1200, 2400, 3600, 6000, 9000, 12000)
-    """Steps after which a snapshot is scored on the whole held-out set (the learning curve); 3600 is
-    the short-run benchmark (about 10 minutes on 2 quiet cores)."""
-    pictures: int = 12
-    """Comparison pictures of the first held-out images."""
-    seed: int = 0
-    """Seed of the base model's initialisation and of training."""
-    force: bool = False
-    """Run even if --out already holds a model."""
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"{flag('preset')} must be one of {', '.join(PRESETS)}")
-        if self.heldout_seed in (self.train_seed, self.one_shape_seed):
-            raise ValueError(f"{flag('heldout_seed')} must differ from the training seeds")
-        if min(self.train_images, self.one_shape_images, self.heldout_images) < 1:
-            raise ValueError(
-                f"{flag('train_images')}, {flag('one_shape_images')}, {flag('heldout_images')} must be >= 1"
-            )
-        last = self.steps - self.shape_steps - self.one_shape_steps
-        if min(self.shape_steps, self.one_shape_steps, self.decay_steps) < 0 or last < max(
-            1, self.warmup_steps + self.decay_steps
-        ):
-            raise ValueError(
-                f"{flag('shape_steps')} + {flag('one_shape_steps')} must leave {flag('steps')} for stage 3's"
-                f" {flag('warmup_steps')} and {flag('decay_steps')}"
-            )
-        if any(not 0 < step <= self.steps for step in self.curve_steps):
-            raise ValueError(f"{flag('curve_steps')} must lie in 1..{flag('steps')}")
-
-
-@dataclass(frozen=True)
-class Stage:
-    """One curriculum stage: a synthetic set (its questions always, its boxes if ``detection``), for how
-    many steps, at which rate."""
-
-    name: str
-    data: Path
-    detection: bool
-    steps: int
-    lr: float
-    decay_steps: int = 0
 
 
 async def score_heldout(
     model: Path, detection: DetectionSet, vqa: list[Any], out: Path | None, pictures: int
 ) -> dict[str, Any]:
     """Held-out scores of one model directory through the service's transformers engine."""
-    from finetune.evaluate import evaluate, open_engine
+    from finetune.evaluation.evaluate import evaluate, open_engine
 
     async with open_engine(model, "transformers", max_batch_size=64) as engine:
         return await evaluate(engine, detection=detection, vqa=vqa, out=out, pictures=pictures, concurrency=128)
-
-
-def curriculum(cfg: DemoConfig, one_shape: Path, train_set: Path) -> list[Stage]:
-    """The three stages (module docstring); stage 3 trains what is left of ``steps``."""
-    rest = cfg.steps - cfg.shape_steps - cfg.one_shape_steps
-    return [
-        Stage("shape questions", one_shape, False, cfg.shape_steps, cfg.shape_lr),
-        Stage("one shape", one_shape, True, cfg.one_shape_steps, cfg.lr),
-        Stage("1-4 shapes", train_set, True, rest, cfg.lr, cfg.decay_steps),
-    ]
 
 
 Snapshot = tuple[Path, dict[str, Any]]
@@ -187,7 +72,7 @@ Snapshot = tuple[Path, dict[str, Any]]
 
 @dataclass
 class Trained:
-    """What :func:`_train_stages` did: the last run directory, the joined loss curve (steps and seconds
+    """What :func:`train_stages` did: the last run directory, the joined loss curve (steps and seconds
     counted from the start of stage 1), the snapshots and the totals."""
 
     run: Path
@@ -197,9 +82,9 @@ class Trained:
     seconds: float
 
 
-def _train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) -> Trained:
+def train_stages(cfg: DemoConfig, base: Path, stages: list[Stage], work: Path) -> Trained:
     """Train the stages in turn, each from the previous one's model, each for exactly its steps."""
-    from finetune.train import train
+    from finetune.training.train import train
 
     model, steps, seconds = base, 0, 0.0
     curve: list[Any] = []
@@ -268,10 +153,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         log.warning("retraining into the shipped model's folder %s", out)
     import torch
 
-    from finetune.card import write_card
-    from finetune.merge import merge
-    from finetune.metrics import coco_map, majority_answer_baseline, mean_box_baseline, vqa_accuracy
-    from finetune.plot import learning_curve_png
+    from finetune.evaluation.metrics import coco_map, majority_answer_baseline, mean_box_baseline, vqa_accuracy
+    from finetune.recipes.card import write_card
+    from finetune.training.merge import merge
+    from finetune.training.plot import learning_curve_png
 
     torch.set_num_threads(cfg.threads)
     shape = replace(PRESETS[cfg.preset], sinusoid_locs=cfg.sinusoid_locs)
@@ -285,7 +170,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     held_dir = generate_cached(work / "heldout", cfg.heldout_images, cfg.heldout_seed, questions_per_image=q)
     stages = curriculum(cfg, one_dir, train_dir)
     load_before = os.getloadavg()
-    trained = _train_stages(cfg, base, stages, work)
+    trained = train_stages(cfg, base, stages, work)
     load_after = os.getloadavg()
     merge(MergeConfig(run=str(trained.run), out=str(out), dtype="float32", force=True))
 
@@ -338,7 +223,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     text = json.dumps(report, indent=2) + "\n"
     (report_dir / "report.json").write_text(text)
     (out / "report.json").write_text(text)
-    write_card(out, report)
+    write_card(out, report, to_json(DemoConfig()))
     detection = final["detection"]
     log.info(
         "demo: mAP@0.5 %.3f, mAP %.3f, VQA %.3f after %d steps (%.1f min)",

@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from finetune.data import DataError, Example, OnError
-from finetune.images import load_training_image
+from finetune.data.images import load_training_image
+from finetune.data.records import DataError, Example, OnError
 from paligemma.tokens import IMAGE_TOKEN
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 class ExampleDataset(Dataset[dict[str, Any]]):
     """Examples whose images are decoded when an item is read and never kept, so memory does not grow with
-    the dataset (:mod:`finetune.images`). With ``processor``, each image is also resized to the processor's
+    the dataset (:mod:`finetune.data.images`). With ``processor``, each image is also resized to the processor's
     input size there (in the DataLoader's workers when there are any), with its own resize.
 
     An image that fails to decode (a truncated JPEG passes the loaders' header check): with
