@@ -25,7 +25,7 @@ demo-lora: setup  ## teach models/demo a fourth shape with LoRA (6,000 steps: 24
 	$(PY) -m finetune lora-demo
 
 .PHONY: demo-segment
-demo-segment: setup  ## finetune models/demo to segment (3,000 steps, one thread), score /segment on both engines
+demo-segment: setup  ## finetune models/demo to segment (4,000 steps, one thread), score /segment on both engines
 	$(PY) -m finetune segment-demo
 
 serve: setup  ## the HTTP service on :8000; without PALIGEMMA_MODEL, the committed demo model (models/demo)

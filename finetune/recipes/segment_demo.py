@@ -70,9 +70,9 @@ class SegmentDemoConfig:
     heldout_seed: int = 23
     lr: float = 3e-4
     """Peak learning rate (every weight is trained)."""
-    steps: int = 3000
+    steps: int = 4000
     """Optimiser steps (batch --batch-size)."""
-    decay_steps: int = 1000
+    decay_steps: int = 1333
     """The last steps, over which the learning rate falls linearly to 0."""
     warmup_steps: int = 100
     batch_size: int = 32
@@ -129,7 +129,8 @@ async def served_scores(
     cfg: SegmentDemoConfig, finetuned: Path, held: Path, pictures: Path | None = None
 ) -> dict[str, Any]:
     """Each form's mask and box scores on the held-out set, and how many answers the engines share; with
-    ``pictures``, the first ``cfg.pictures`` images as ground truth | base | finetuned (vLLM), and a sheet."""
+    ``pictures``, the first ``cfg.pictures`` images as ground truth | base | finetuned (vLLM), and a sheet.
+    Each model is asked as it was trained: the base all classes in one prompt, the finetuned one class each."""
     from finetune.data.segments import load_coco_segments
     from finetune.evaluation.evaluate import answers_to_boxes, detection_answers, open_engine
     from finetune.evaluation.mask_metrics import PredictedMask, mask_scores
@@ -146,12 +147,13 @@ async def served_scores(
     panels: dict[str, dict[int, list[PredictedMask]]] = {}
     texts: dict[str, list[str]] = {}
     for form, (model, engine_name) in models.items():
+        per_prompt = 0 if form == FORMS[0] else 1
         async with open_engine(model, engine_name) as engine:  # type: ignore[arg-type]
             predictions, texts[form] = await predict_masks(
-                engine, heldout, classes, decoder, classes_per_prompt=1, concurrency=128
+                engine, heldout, classes, decoder, classes_per_prompt=per_prompt, concurrency=128
             )
             panels[form] = predictions
-            answers = await detection_answers(engine, heldout, classes, classes_per_prompt=1, concurrency=128)
+            answers = await detection_answers(engine, heldout, classes, classes_per_prompt=per_prompt, concurrency=128)
             boxes = coco_map(heldout, answers_to_boxes(answers, heldout, engine.tokenizer()))
             forms[form] = {**mask_scores(heldout, predictions, classes), "detect_map_50": boxes["map_50"]}
     same = sum(a == b for a, b in zip(texts[FORMS[1]], texts[FORMS[2]], strict=True))  # per prompt
@@ -221,13 +223,13 @@ on {recipe["train_images"]:,} synthetic images with 1-4 shapes (seed {recipe["tr
 `segment <class>` and `detect <class>` for each class present and for one absent class. Bounded by steps, never
 by time.
 
-Held-out: {heldout["images"]} images (seed {recipe["heldout_seed"]}), never trained on, asked
-`segment circle`, `segment square` and `segment triangle` as `/segment` asks (constrained decoding, masks decoded
-and pasted as the service does). Mean mask IoU: each ground-truth object matched one to one to a predicted mask
-of its class, a missed object counting 0 (`finetune/evaluation/segments.py`); mask AP from pycocotools `segm`; detect
-mAP@0.5 from
-`detect circle`, `detect square` and `detect triangle`. Both engines gave the same text for
-{heldout["same_text_engines"]}/{heldout["prompts"]} segment prompts.
+Held-out: {heldout["images"]} images (seed {recipe["heldout_seed"]}), never trained on, asked `segment circle`,
+`segment square` and `segment triangle` as `/segment` asks (constrained decoding, masks decoded and pasted as the
+service does); detect mAP@0.5 from `detect circle`, `detect square` and `detect triangle`. The base is asked as it
+was trained, all three classes in one prompt. Mean mask IoU: each ground-truth object matched one to one to a
+predicted mask of its class, a missed object counting 0 (`finetune/evaluation/mask_metrics.py`); mask AP from
+pycocotools `segm`. Both engines gave the same text for {heldout["same_text_engines"]}/{heldout["prompts"]}
+segment prompts.
 
 {scores_markdown(heldout)}
 Serve it: `python -m service --model models/demo-segment --segmentation-weights {weights}`, then ask one class
