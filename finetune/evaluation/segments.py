@@ -1,4 +1,4 @@
-"""Segmentation scores for ``python -m finetune eval --segmentation-weights``: mask IoU and mask mAP.
+"""Segmentation for ``python -m finetune eval --segmentation-weights``: masks predicted as ``/segment`` predicts them.
 
 Why a module of its own: a ``segment`` answer has to be decoded into masks exactly as the service's
 ``/segment`` does it (same prompt, same grammar, same parse, same VQ-VAE decoder and paste), and scored
@@ -12,16 +12,7 @@ against COCO masks, which :mod:`finetune.evaluation.evaluate`'s box scoring know
   ``/segment``'s answer for the same ``max_new_tokens``. The budget is ``/segment``'s rule
   (:func:`paligemma.segmentation.answer_tokens`, at least 64): ``22 * n + 8`` tokens, ``n`` the larger of
   the classes asked and the most ground-truth objects of those classes in one image (no 512 cap).
-- :func:`mask_scores`, ``mean_iou`` ("mean mask IoU with the ground truth"): over every ground-truth object
-  of the asked classes, in every image. In each image and class, ground-truth objects and predictions of that
-  class are paired one-to-one greedily: all pairs by mask IoU (full image, pycocotools ``iou``), highest
-  first, a pair taken when both are still free (scipy is not installed, so no Hungarian assignment; on
-  these small counts greedy rarely differs). A ground-truth object's score is the IoU of its pair; it is 0
-  when it has no pair or its pair has no mask (``mask`` None: no 16 ``<seg>`` tokens). ``mean_iou`` is the
-  mean of these scores (None without ground truth). Extra predictions do not lower it; mAP counts them.
-- ``mask_map`` / ``mask_map50``: pycocotools ``COCOeval(iouType="segm")`` AP@[.5:.95] and AP@0.5, ground
-  truth as the file's masks, detections as RLE with their scores; predictions without a mask are left out.
-  ``box_map50``: :func:`finetune.evaluation.metrics.coco_map` on the predicted boxes, masks or not.
+- The scores (mean mask IoU, mask mAP, box mAP) are :func:`finetune.evaluation.mask_metrics.mask_scores`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The demo model and CPU quality benchmark (``make demo-model``, ``python -m finetune demo``).
 
-From nothing to a served detector on a 2-core CPU: build a small random PaliGemma (:data:`PRESETS`),
+From nothing to a served detector on a 2-core CPU: build a small random PaliGemma (``demo_config.PRESETS``),
 generate synthetic shapes (a 1-4-shape training set, a one-shape set and a held-out set, each with its own
 seed), train every weight from scratch (method ``full``: LoRA on a random base would only learn a low-rank
 change of noise) through a three-stage curriculum, save the model in the hub layout with a model card,

@@ -1,9 +1,9 @@
 """``train(cfg)``: LoRA, QLoRA or full finetuning of PaliGemma with the transformers ``Trainer``.
 
 The Trainer (not a hand-written loop) gives checkpoints, resume, the progress bar, bf16 autocast, gradient
-checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this
-module adds: the data contract (:mod:`finetune.data`, :mod:`finetune.data.collate`), the method (peft LoRA on
-the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a warmup-stable-decay
+checkpointing and multi-GPU under ``accelerate launch`` / ``torchrun`` without code changes. What this module adds:
+the data contract (:mod:`finetune.data`, :mod:`finetune.data.collate`), the method (:mod:`finetune.training.model`:
+peft LoRA on the language model's linear layers, 4-bit QLoRA on CUDA, or full), freezing, a warmup-stable-decay
 schedule by steps, a wall-clock safety stop, a learning curve and snapshots after fixed steps. Output
 layout of ``cfg.out``::
 
