@@ -23,12 +23,15 @@ FORBIDDEN = {
 
 
 def _imports(path: Path) -> set[str]:
+    """Every absolute import of ``path``, at the top or inside a function; ``from pkg import name`` gives both
+    ``pkg`` and ``pkg.name`` (``name`` may be a module)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             names |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.add(node.module)
+            names |= {f"{node.module}.{alias.name}" for alias in node.names}
     return names
 
 
@@ -74,17 +77,7 @@ def test_finetune_rooms_import_only_rooms_before_them() -> None:
 def import_graph(root: Path = REPO) -> dict[str, set[str]]:
     """Module -> the project modules it imports (``from pkg import module`` counts as importing the module)."""
     files = {_module_name(p, root): p for pkg in PACKAGES for p in (root / pkg).rglob("*.py")}
-    graph: dict[str, set[str]] = {}
-    for name, path in files.items():
-        found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                found |= {alias.name for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                found.add(node.module)
-                found |= {f"{node.module}.{alias.name}" for alias in node.names}
-        graph[name] = {m for m in found if m in files and m != name}
-    return graph
+    return {name: {m for m in _imports(path) if m in files and m != name} for name, path in files.items()}
 
 
 def circles(graph: dict[str, set[str]]) -> list[list[str]]:
