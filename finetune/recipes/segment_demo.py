@@ -20,7 +20,7 @@ first object to 0.27 for the fourth, and the mean mask IoU was 0.564. Why for ``
 first, whatever class was asked (mean mask IoU 0.08).
 
 Held-out figures (images of their own seed, never trained on): mean mask IoU with the ground truth and mask mAP
-(:mod:`finetune.evaluation.segments`) for the base and the finetuned model on each engine, how many
+(:mod:`finetune.evaluation.mask_metrics`) for the base and the finetuned model on each engine, how many
 answers the two engines give token for token alike, and the ``detect`` mAP before and after. Training is bounded
 by steps (cached in ``work`` while its config is unchanged); wall time is only reported.
 """
